@@ -1,0 +1,289 @@
+"""One raw run's analysis: routes its data keys, runs analyses, composes the analysis run.
+
+Documents arrive on the RunEngine's thread and are only queued (``submit``); everything
+below ``# --- worker side`` runs on the worker thread, in document order, so the analysis
+run's documents (start, descriptors, event pages, stop) come out in a valid order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from urllib.parse import urlparse
+
+import numpy as np
+from event_model import DocumentRouter, compose_run
+
+from .. import __version__, layout
+from .analyzers import Geometry, Item, Route
+
+logger = logging.getLogger(__name__)
+
+
+class RunAnalysis(DocumentRouter):
+    """Analysis of one raw run. Created by ``XRDMLCallback`` for each start document."""
+
+    def __init__(self, start: dict, analyses: list, worker, emit, config: dict):
+        super().__init__()
+        self.raw_start = start
+        self.analyses = analyses
+        self.worker = worker
+        self._emit_out = emit
+        self.config = config
+        self.geometry = Geometry.from_start(start)
+        self.motors = list(self.geometry.motors)
+        # worker-side state
+        self.bundle = None  # event_model ComposeRunBundle of the analysis run
+        self.stop_doc: dict | None = None
+        self.routes: dict[str, list[Route]] = {}  # raw descriptor uid -> routes
+        self.ignored: dict[str, str] = {}  # raw data key -> why it is not analysed
+        self.errors: list[tuple[int, str, str]] = []  # (point, detector, message)
+        self.counts: Counter = Counter()  # items analysed per analysis
+        self._streams: dict = {}  # analysis stream name -> descriptor bundle
+        self._stream_resources: dict[str, dict] = {}
+        self._positions: dict[tuple[str, int], dict] = {}
+        self.submit("open", None)
+
+    # --- RunEngine side: queue and return ------------------------------------------
+    def submit(self, op, doc, key=None):
+        self.worker.submit(self, op, key, doc)
+
+    def descriptor(self, doc):
+        self.submit("descriptor", doc)
+
+    def event_page(self, doc):
+        self.submit("data", doc, key=("page", doc["descriptor"]))
+
+    def stream_resource(self, doc):
+        self.submit("stream_resource", doc)
+
+    def stream_datum(self, doc):
+        self.submit("data", doc, key=("datum", doc["descriptor"]))
+
+    def stop(self, doc):
+        self.submit("stop", doc)
+
+    # --- worker side -----------------------------------------------------------------
+    @property
+    def uid(self) -> str | None:
+        return self.bundle.start_doc["uid"] if self.bundle else None
+
+    def handle(self, op, doc):
+        try:
+            if op == "descriptor":
+                self._on_descriptor(doc)
+            elif op == "stream_resource":
+                self._stream_resources[doc["uid"]] = doc
+            elif op == "stop":
+                self._on_stop(doc)
+        except Exception as err:
+            logger.exception("xrdml: %s document of run %s failed", op, self.raw_start["uid"])
+            self._record_error(-1, "", f"{op}: {type(err).__name__}: {err}")
+            if op == "stop" and self.stop_doc is None:
+                self._close(exit_status="fail")
+
+    def process(self, key, docs):
+        kind, desc_uid = key
+        routes = self.routes.get(desc_uid, [])
+        try:
+            if kind == "page":
+                for page in docs:
+                    self._remember_positions(desc_uid, page)
+                items = self._items_from_pages(routes, docs)
+            else:
+                items = self._items_from_stream_datums(routes, docs)
+            for route, its in items.items():
+                self._analyze(route, its)
+        except Exception as err:
+            logger.exception("xrdml: analysis failed for run %s", self.raw_start["uid"])
+            self._record_error(-1, "", f"{type(err).__name__}: {err}")
+
+    def _on_descriptor(self, doc):
+        routes = []
+        taken = {r.analysis.name for rs in self.routes.values() for r in rs}
+        for key, data_key in doc.get("data_keys", {}).items():
+            reasons = []
+            for analysis in self.analyses:
+                context = analysis.match(key, data_key, doc)
+                if isinstance(context, dict):
+                    route = Route(key, analysis, first=analysis.name not in taken,
+                                  external="external" in data_key, context=context)
+                    taken.add(analysis.name)
+                    routes.append(route)
+                    break
+                if isinstance(context, str):
+                    reasons.append(f"{analysis.name}: {context}")
+            else:
+                if key not in self.ignored and key not in self.motors:
+                    self.ignored[key] = "; ".join(reasons) or "not a 2D frame or a 1D pattern"
+        self.routes[doc["uid"]] = routes
+        if self.ignored:
+            logger.info("xrdml: run %s: not analysed: %s", self.raw_start["uid"][:8], self.ignored)
+        if routes:
+            self._ensure_started()
+            for route in routes:
+                for name, keys in route.analysis.streams(route, self.motors).items():
+                    self._declare(name, keys)
+
+    def _remember_positions(self, desc_uid, page):
+        for i, seq in enumerate(page["seq_num"]):
+            self._positions[(desc_uid, seq)] = {
+                m: float(page["data"][m][i]) for m in self.motors if m in page["data"]
+            }
+
+    def _positions_at(self, desc_uid, seq) -> dict:
+        known = self._positions.get((desc_uid, seq), {})
+        return {m: known.get(m, np.nan) for m in self.motors}
+
+    def _items_from_pages(self, routes, pages) -> dict:
+        items = {}
+        for route in routes:
+            if route.external:
+                continue  # arrives through stream_datum / is filled by the RunRouter
+            its = items.setdefault(route, [])
+            for page in pages:
+                values = page["data"].get(route.key)
+                if values is None:
+                    continue
+                for i, seq in enumerate(page["seq_num"]):
+                    its.append(Item(seq, values[i], self._positions_at(page["descriptor"], seq)))
+        return items
+
+    def _items_from_stream_datums(self, routes, datums) -> dict:
+        items = {}
+        by_key = {r.key: r for r in routes}
+        for datum in datums:
+            resource = self._stream_resources.get(datum["stream_resource"])
+            if resource is None:
+                self._record_error(-1, "", f"stream_datum refers to unknown stream_resource "
+                                           f"{datum['stream_resource']}")
+                continue
+            route = by_key.get(resource["data_key"])
+            if route is None:
+                continue
+            arrays = read_stream_datum(resource, datum)
+            seqs = range(datum["seq_nums"]["start"], datum["seq_nums"]["stop"])
+            items.setdefault(route, []).extend(
+                Item(seq, arr, self._positions_at(datum["descriptor"], seq))
+                for seq, arr in zip(seqs, arrays)
+            )
+        return items
+
+    def _analyze(self, route, items):
+        if not items:
+            return
+        results, errors = route.analysis.analyze(route, items)
+        self.counts[route.analysis.name] += len(items) - len(errors)
+        for point, message in errors:
+            self._record_error(point, route.key, message)
+        for stream, rows in results.items():
+            self._emit_rows(stream, rows)
+
+    def _on_stop(self, doc):
+        for routes in self.routes.values():
+            for route in routes:
+                for stream, (keys, data) in route.analysis.finish(route, self.geometry).items():
+                    self._declare(stream, keys)
+                    self._emit_rows(stream, [data])
+        if not self.counts and not self.errors:
+            why = "; ".join(f"{k}: {v}" for k, v in self.ignored.items()) or "no data keys"
+            self._close("success", f"nothing to analyse ({why})")
+            return
+        done = ", ".join(f"{n} {a}" for a, n in sorted(self.counts.items()))
+        if doc.get("exit_status", "success") != "success":
+            done += f"; raw run ended with exit_status={doc.get('exit_status')!r}"
+        if self.errors:
+            point, det, msg = self.errors[0]
+            where = f"point {point} of {det}" if det else "run"
+            self._close("fail", f"{len(self.errors)} error(s); first at {where}: {msg}. "
+                                f"Analysed: {done or 'nothing'}")
+        else:
+            self._close("success", f"analysed: {done}")
+
+    # --- composing the analysis run ----------------------------------------------------
+    def _ensure_started(self):
+        if self.bundle is not None:
+            return
+        routes = {r.key: r.analysis.name for rs in self.routes.values() for r in rs}
+        used = [a for a in self.analyses if a.name in routes.values()]
+        md = layout.start_metadata(
+            self.raw_start,
+            analyses=[a.name for a in used],
+            routes=routes,
+            models=[m for a in used for m in getattr(a, "models", [])],
+            config={**self.config, **{a.name: a.config for a in used}},
+            version=__version__,
+        )
+        self.bundle = compose_run(metadata=md)
+        self._emit("start", self.bundle.start_doc)
+
+    def _declare(self, name, data_keys):
+        if name in self._streams:
+            return
+        self._ensure_started()
+        self._streams[name] = self.bundle.compose_descriptor(name=name, data_keys=data_keys)
+        self._emit("descriptor", self._streams[name].descriptor_doc)
+
+    def _emit_rows(self, stream, rows):
+        if not rows:
+            return
+        keys = list(self._streams[stream].descriptor_doc["data_keys"])
+        now = time.time()
+        data = {k: [row[k] for row in rows] for k in keys}
+        page = self._streams[stream].compose_event_page(
+            data=data, timestamps={k: [now] * len(rows) for k in keys},
+            time=[now] * len(rows), validate=False,
+        )
+        self._emit("event_page", page)
+
+    def _record_error(self, point, detector, message):
+        logger.warning("xrdml: run %s, point %s, %s: %s",
+                       self.raw_start["uid"][:8], point, detector or "-", message)
+        self.errors.append((int(point), detector, message))
+        if self.bundle is not None:
+            self._emit_error(int(point), detector, message)
+
+    def _emit_error(self, point, detector, message):
+        try:
+            self._declare(layout.ERRORS, layout.error_keys())
+            self._emit_rows(layout.ERRORS, [{"point": point, "detector": detector,
+                                             "error": message}])
+        except Exception:  # recording must never raise; the error is in self.errors anyway
+            logger.exception("xrdml: could not emit an error record")
+
+    def _close(self, exit_status, reason=""):
+        if self.bundle is None:
+            self._ensure_started()
+            for point, det, msg in self.errors:  # errors seen before the run had started
+                self._emit_error(point, det, msg)
+        self.stop_doc = self.bundle.compose_stop(exit_status=exit_status, reason=reason)
+        self._emit("stop", self.stop_doc)
+
+    def _emit(self, name, doc):
+        self._emit_out(name, doc)
+
+    def summary(self) -> dict:
+        return {
+            "raw_uid": self.raw_start["uid"],
+            "analysis_uid": self.uid,
+            "exit_status": self.stop_doc["exit_status"] if self.stop_doc else "running",
+            "reason": self.stop_doc["reason"] if self.stop_doc else "",
+            "analysed": dict(self.counts),
+            "errors": len(self.errors),
+            "ignored": dict(self.ignored),
+        }
+
+
+def read_stream_datum(resource: dict, datum: dict) -> np.ndarray:
+    """The arrays a stream_datum points to: HDF5 datasets (``application/x-hdf5``)."""
+    mimetype = resource.get("mimetype", "")
+    if mimetype != "application/x-hdf5":
+        raise ValueError(f"external data of type {mimetype!r} is not supported (only HDF5)")
+    import h5py
+
+    path = urlparse(resource["uri"]).path
+    dataset = resource["parameters"]["dataset"]
+    start, stop = datum["indices"]["start"], datum["indices"]["stop"]
+    with h5py.File(path, "r", swmr=True) as f:
+        return np.asarray(f[dataset][start:stop])

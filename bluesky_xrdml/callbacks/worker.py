@@ -1,0 +1,104 @@
+"""The inference worker: a bounded queue drained by one thread that batches.
+
+The RunEngine thread only ``submit``s. When the queue is full, ``submit`` blocks until
+there is room (nothing is dropped) and the stall is counted and timed.
+Consecutive data items for the same run and data key are handed over together, so an
+analysis sees batches (up to ``batch_size``) whenever the scan outpaces it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerStats:
+    submitted: int = 0
+    processed: int = 0
+    batches: int = 0
+    stalls: int = 0  # submits that found the queue full and had to wait
+    stall_seconds: float = 0.0
+    max_batch: int = 0
+
+
+class Worker:
+    """Runs ``owner.handle(op, payload)`` and ``owner.process(key, payloads)`` in a thread.
+
+    Queue items are ``(owner, op, key, payload)``; items with ``op == "data"`` are batched
+    by ``(owner, key)``, everything else runs alone and in order.
+    """
+
+    def __init__(self, maxsize: int = 256, batch_size: int = 64):
+        self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.batch_size = batch_size
+        self.stats = WorkerStats()
+        self._thread = threading.Thread(target=self._loop, name="xrdml-worker", daemon=True)
+        self._thread.start()
+
+    def submit(self, owner, op: str, key=None, payload=None) -> None:
+        item = (owner, op, key, payload)
+        self.stats.submitted += 1
+        try:
+            self.queue.put_nowait(item)
+        except queue.Full:
+            self.stats.stalls += 1
+            t0 = time.perf_counter()
+            self.queue.put(item)
+            waited = time.perf_counter() - t0
+            self.stats.stall_seconds += waited
+            logger.warning("analysis queue full: the scan waited %.3f s for the analysis", waited)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until everything submitted so far is processed; False on timeout."""
+        if timeout is None:
+            self.queue.join()
+            return True
+        deadline = time.monotonic() + timeout
+        while self.queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def _take(self) -> list:
+        items = [self.queue.get()]
+        while len(items) < self.batch_size:
+            try:
+                items.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        return items
+
+    def _loop(self) -> None:
+        while True:
+            items = self._take()
+            i = 0
+            while i < len(items):
+                owner, op, key, payload = items[i]
+                j = i + 1
+                if op == "data":
+                    while j < len(items) and items[j][:3] == (owner, op, key):
+                        j += 1
+                    payloads = [it[3] for it in items[i:j]]
+                    self.stats.batches += 1
+                    self.stats.max_batch = max(self.stats.max_batch, len(payloads))
+                    self._run(owner.process, key, payloads)
+                else:
+                    self._run(owner.handle, op, payload)
+                self.stats.processed += j - i
+                for _ in range(j - i):
+                    self.queue.task_done()
+                i = j
+
+    @staticmethod
+    def _run(fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception:  # the owner records its own errors; this is the last line of defence
+            logger.exception("xrdml worker: unhandled error in %s", getattr(fn, "__qualname__", fn))

@@ -1,0 +1,100 @@
+"""``XRDMLCallback``: subscribe it to a RunEngine and every run gets an analysis run.
+
+Built on event-model's ``RunRouter``: one ``RunAnalysis`` per raw run. The callback
+only queues documents; a worker thread analyses and composes the analysis run, whose
+documents go to every sink subscribed with ``cb.subscribe(sink)`` (a ``TiledWriter``,
+a live plot, a 0MQ publisher, a list's ``append``).
+
+Nothing the analysis does can abort the user's scan: errors in routing, analyses and
+sinks are logged, counted and recorded in the analysis run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+
+from event_model import RunRouter
+
+from .analyzers import default_analyses
+from .run import RunAnalysis
+from .worker import Worker
+
+logger = logging.getLogger(__name__)
+
+
+class XRDMLCallback(RunRouter):
+    """Live analysis of diffraction data.
+
+    Parameters
+    ----------
+    analyses : list, optional
+        Analysis objects (see ``callbacks.analyzers``); by default every one available:
+        Bragg peaks on 2D frames, ROI intensities on 1D powder patterns.
+    rois, phases :
+        Shortcuts for the default ROI analysis: explicit ``Roi`` windows, or phases
+        (name -> pymatgen ``Structure``) whose strongest free reflection becomes a ROI.
+    queue_size : int
+        Bound of the queue between the RunEngine and the worker. When full, the
+        RunEngine waits (counted in ``stats.stalls``); nothing is dropped.
+    batch_size : int
+        Most items the worker hands to an analysis at once.
+    handler_registry : dict, optional
+        Passed to ``RunRouter`` to fill old-style resource/datum external data.
+    """
+
+    def __init__(self, analyses=None, *, rois=None, phases=None, queue_size: int = 256,
+                 batch_size: int = 64, handler_registry=None):
+        self.analyses = list(analyses) if analyses is not None else default_analyses(rois, phases)
+        self.worker = Worker(maxsize=queue_size, batch_size=batch_size)
+        self.config = {"queue_size": queue_size, "batch_size": batch_size}
+        self._sinks: dict[int, object] = {}
+        self._tokens = itertools.count()
+        self.runs: deque[RunAnalysis] = deque(maxlen=100)
+        self.sink_errors = 0
+        self.dispatch_errors = 0
+        super().__init__([self._factory], handler_registry=handler_registry)
+
+    def __call__(self, name, doc, validate=False):
+        try:
+            return super().__call__(name, doc, validate)
+        except Exception:
+            self.dispatch_errors += 1
+            logger.exception("xrdml: could not route a %r document; the scan goes on", name)
+
+    def _factory(self, name, start_doc):
+        run = RunAnalysis(start_doc, self.analyses, self.worker, self._emit, self.config)
+        self.runs.append(run)
+        return [run], []
+
+    # --- the analysis run's documents ---------------------------------------------
+    def subscribe(self, sink) -> int:
+        """Send the analysis runs' documents to ``sink(name, doc)``; returns a token."""
+        token = next(self._tokens)
+        self._sinks[token] = sink
+        return token
+
+    def unsubscribe(self, token: int) -> None:
+        self._sinks.pop(token, None)
+
+    def _emit(self, name, doc):
+        for sink in list(self._sinks.values()):
+            try:
+                sink(name, doc)
+            except Exception:
+                self.sink_errors += 1
+                logger.exception("xrdml: sink %r failed on a %r document", sink, name)
+
+    # --- for people and tests -----------------------------------------------------
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every document received so far has been analysed and emitted."""
+        return self.worker.join(timeout)
+
+    @property
+    def stats(self):
+        return self.worker.stats
+
+    def summaries(self) -> list[dict]:
+        """One summary per raw run seen (newest last): uids, status, counts, errors."""
+        return [run.summary() for run in self.runs]
