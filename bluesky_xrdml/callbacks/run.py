@@ -86,6 +86,9 @@ class RunAnalysis(DocumentRouter):
     def process(self, key, docs):
         kind, desc_uid = key
         routes = self.routes.get(desc_uid, [])
+        if desc_uid not in self.routes:
+            self._record_error(-1, "", f"{kind} refers to unknown descriptor {desc_uid!r}")
+            return
         try:
             if kind == "page":
                 for page in docs:
@@ -145,6 +148,9 @@ class RunAnalysis(DocumentRouter):
             for page in pages:
                 values = page["data"].get(route.key)
                 if values is None:
+                    for seq in page["seq_num"]:
+                        self._record_error(seq, route.key, f"event has no data for {route.key!r} "
+                                           "although its descriptor declares it")
                     continue
                 for i, seq in enumerate(page["seq_num"]):
                     its.append(Item(seq, values[i], self._positions_at(page["descriptor"], seq)))

@@ -34,7 +34,7 @@ class PeakList:
     def two_theta(self, wavelength: float, a: float | np.ndarray | None = None) -> np.ndarray:
         """Peak positions in degrees for lattice parameter(s) ``a`` (Bragg's law).
 
-        ``a`` may be an array of shape (N,); the result then has shape (N, n_peaks).
+        A scalar ``a`` gives shape (n_peaks,); an array of shape (N,) gives (N, n_peaks).
         Reflections beyond 2θ = 180° come back as NaN.
         """
         scale = 1.0 if a is None else np.asarray(a, dtype=float)[..., None] / self.a

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-ISOLATION_PX = 8.0  # a spot is "isolated" if no other visible spot is this close
+ISOLATION_PX = 12.0  # "isolated": no other spot brighter than 20 counts this close
 EDGE_PX = 6.0
 
 
@@ -106,6 +106,7 @@ class SpotSimulator:
         r, c = spots["row"].to_numpy(), spots["col"].to_numpy()
         dist = np.hypot(r[:, None] - r[None], c[:, None] - c[None])
         np.fill_diagonal(dist, np.inf)
+        dist[:, spots["height"].to_numpy() < 20] = np.inf  # faint neighbours do not count
         nr, nc = self.shape
         margin = np.minimum.reduce([r, c, nr - 1 - r, nc - 1 - c])
         out = spots[["row", "col", "height"]].copy()
@@ -119,8 +120,11 @@ class SpotSimulator:
         nr, nc = self.shape
         rows, cols = np.mgrid[0:nr, 0:nc]
         frame = self.background * (1.0 + 0.3 * cols / nc + 0.2 * rows / nr)
-        half = 10
         for s in self.visible(omega).itertuples():
+            # render out to where the profile drops below 1/4 count (Lorentzian tails
+            # reach far), at most 128 px, so no window edge shows in the noise
+            rho2 = max(4 * s.eta * s.height, np.log(max(4 * (1 - s.eta) * s.height, 2)) / np.log(2))
+            half = int(min(128, max(6, np.ceil(np.sqrt(rho2) * max(s.hw_r, s.hw_c)))))
             r0, r1 = max(int(s.row) - half, 0), min(int(s.row) + half + 1, nr)
             c0, c1 = max(int(s.col) - half, 0), min(int(s.col) + half + 1, nc)
             frame[r0:r1, c0:c1] += pseudo_voigt_2d(

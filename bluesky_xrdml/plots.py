@@ -1,0 +1,57 @@
+"""PNG figures a person would rather look at than read: maps and peak overlays."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_maps(ds, path, title: str = "", skip_std: bool = True):
+    """One panel per map variable (uncertainties left out unless ``skip_std=False``)."""
+    names = [v for v in ds.data_vars if not (skip_std and v.endswith("_std"))]
+    ncol = min(4, len(names))
+    nrow = math.ceil(len(names) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.2 * nrow), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        da = ds[name]
+        ydim, xdim = da.dims
+        x, y = ds[xdim].values, ds[ydim].values
+        im = ax.pcolormesh(x, y, da.values, shading="nearest", cmap="viridis")
+        ax.set_title(name)
+        ax.set_xlabel(xdim)
+        ax.set_ylabel(ydim)
+        ax.set_aspect("equal")
+        fig.colorbar(im, ax=ax, shrink=0.8, label=da.attrs.get("units", ""))
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_peaks(frame, table, path, title: str = "", truth=None):
+    """The frame (log scale) with found peaks: circles, coloured by flag."""
+    fig, ax = plt.subplots(figsize=(7, 7))
+    ax.imshow(np.log10(np.clip(np.asarray(frame, float), 1, None)), cmap="gray_r",
+              origin="upper", interpolation="nearest")
+    colours = {"": "tab:blue", "edge": "tab:orange", "multi": "tab:red"}
+    for flag, group in table.groupby(table["flag"].str.split("|").str[-1]):
+        ax.scatter(group["col"], group["row"], s=80, facecolors="none",
+                   edgecolors=colours.get(flag, "tab:purple"), label=flag or "clean")
+    if truth is not None and len(truth):
+        ax.scatter(truth["col"], truth["row"], s=8, marker="+", c="tab:green", label="true centre")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(title or f"{len(table)} peaks")
+    ax.set_xlabel("col (px)")
+    ax.set_ylabel("row (px)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+
+from bluesky_xrdml.analysis import FrameError, extract_patches, locate_peaks
+from bluesky_xrdml.simulation import SpotSimulator
+from bluesky_xrdml.simulation.spots import pseudo_voigt_2d
+
+
+def nearest(truth, table):
+    d = np.hypot(truth["row"].to_numpy()[:, None] - table["row"].to_numpy()[None],
+                 truth["col"].to_numpy()[:, None] - table["col"].to_numpy()[None])
+    return d.min(axis=1)
+
+
+def test_centroids_of_isolated_spots_within_a_pixel_of_truth():
+    sim = SpotSimulator(seed=5)
+    errors = []
+    for omega in (0.4, 2.2, 6.9):
+        table = locate_peaks(sim.frame(omega, np.random.default_rng(1)))
+        truth = sim.truth(omega)
+        iso = truth[truth["isolated"] & (truth["height"] > 500)]
+        errors.append(nearest(iso, table))
+    errors = np.concatenate(errors)
+    assert len(errors) >= 15
+    assert np.all(errors < 1.0)
+    assert np.median(errors) < 0.15
+
+
+def synthetic(peaks, shape=(64, 64), bg=10.0):
+    rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
+    frame = np.full(shape, bg)
+    for r, c, h in peaks:
+        frame += pseudo_voigt_2d(rows, cols, r, c, 1.2, 1.2, 0.0, 0.2, h)
+    return np.random.default_rng(0).poisson(frame).astype(float)
+
+
+def test_edge_and_overlapping_peaks_are_flagged():
+    frame = synthetic([(30.3, 30.6, 5000), (2.2, 40.0, 5000), (12.0, 12.0, 4000),
+                       (12.0, 15.2, 3000)])
+    table = locate_peaks(frame)
+    by_pos = {(round(r), round(c)): f for r, c, f in zip(table["row"], table["col"], table["flag"])}
+    assert by_pos[(30, 31)] == ""
+    assert "edge" in by_pos[(2, 40)]
+    assert any("multi" in f for (r, c), f in by_pos.items() if r == 12)
+
+
+def test_patches_are_centred_even_at_the_border():
+    frame = np.arange(100.0).reshape(10, 10) + 1000
+    patches, edge = extract_patches(frame, [0, 5], [0, 5], size=11)
+    assert patches.shape == (2, 11, 11)
+    assert patches[0, 5, 5] == frame[0, 0]
+    assert patches[1, 5, 5] == frame[5, 5]
+    assert list(edge) == [True, True]  # 10×10 frame: every 11×11 patch needs padding
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.full((32, 32), np.nan), "NaN"),
+    (np.ones(100), "2D frame"),
+    (np.ones((5, 5)), "2D frame"),
+])
+def test_bad_frames_raise_a_clear_error(bad, message):
+    with pytest.raises(FrameError, match=message):
+        locate_peaks(bad)
+
+
+def test_table_has_the_documented_columns():
+    table = locate_peaks(synthetic([(30, 30, 3000)]), frame_index=7)
+    assert list(table.columns) == ["frame", "row", "col", "row_std", "col_std", "intensity",
+                                   "method", "flag"]
+    assert table["frame"].tolist() == [7]
+    assert 0 < table["row_std"].iloc[0] < 0.2
