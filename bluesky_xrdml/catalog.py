@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
@@ -42,9 +43,19 @@ def embedded(directory: str | os.PathLike = "xrdml-data", api_key: str | None = 
 
 def connect(uri: str, api_key: str | None = None):
     """A tiled client for ``uri``; the API key defaults to ``$TILED_API_KEY``."""
+    import httpx
     from tiled.client import from_uri
 
     api_key = api_key or os.environ.get("TILED_API_KEY")
+    parts = urlsplit(uri)
+    try:  # one quick probe: the tiled client would retry for ~20 s before giving up
+        httpx.get(f"{parts.scheme}://{parts.netloc}/healthz", timeout=5, trust_env=False)
+    except httpx.HTTPError as err:
+        raise CatalogError(
+            f"no Tiled server answers at {parts.scheme}://{parts.netloc} "
+            f"({type(err).__name__}). Check the URI and that the server is running "
+            "(and, once it is, that TILED_API_KEY holds a valid key for it)."
+        ) from None
     try:
         return from_uri(uri, api_key=api_key)
     except Exception as err:  # httpx errors, 401s: say what to check, not a retry trace

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 app = typer.Typer(help="Live analysis of synchrotron diffraction data for Bluesky, filed in Tiled.",
                   no_args_is_help=True, add_completion=False)
-console = Console()
+console = Console(soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -50,33 +48,33 @@ def demo(
                                  frames=frames, log=console.print)
     except CatalogError as err:
         console.print(f"[red]{err}[/red]")
-        raise typer.Exit(2)
-    table = Table(title="what was filed")
-    for col in ("scan", "raw run", "analysis run", "status", "points", "scan s", "done s"):
-        table.add_column(col)
+        raise typer.Exit(2) from None
+    console.print("\n[bold]what was filed[/bold]")
     for s in summaries:
-        table.add_row(s["scan"], s["raw_uid"], s["analysis_uid"], s["exit_status"],
-                      str(s["points"]), f"{s['scan_s']:.1f}", f"{s['analysis_done_s']:.1f}")
-    console.print(table)
-    for s in summaries:
-        console.print(f"{s['scan']}: {s['reason']}")
-    console.print("figures:")
-    for s in summaries:
+        status = "green" if s["exit_status"] == "success" else "red"
+        console.print(f"[bold]{s['scan']}[/bold]: {s['points']} points, scan {s['scan_s']:.1f} s, "
+                      f"analysis complete {s['analysis_done_s']:.1f} s after the scan started")
+        console.print(f"  raw run       {s['raw_uid']}")
+        console.print(f"  analysis run  {s['analysis_uid']}  "
+                      f"[{status}]{s['exit_status']}[/{status}]: {s['reason']}")
         for f in s["figures"]:
-            console.print(f"  {f}")
-    console.print(f"queue stalls: {summaries[-1]['stalls']}; total {time.perf_counter() - t0:.1f} s")
+            console.print(f"  figure        {f}")
+    total = time.perf_counter() - t0
+    console.print(f"queue stalls: {summaries[-1]['stalls']}; total {total:.1f} s")
     uid = summaries[-1]["raw_uid"]
-    opener = (f"from_uri({catalog_uri!r})" if catalog_uri else
-              f"SimpleTiledServer({str(directory)!r}) as ts: c = from_uri(ts.uri)")
+    if catalog_uri:
+        opener = f"c = catalog.connect({catalog_uri!r})  # API key from $TILED_API_KEY\n"
+        indent = ""
+    else:
+        opener = f"with catalog.embedded({str(directory)!r}) as (server, c):\n"
+        indent = "    "
     console.print(
         "\nopen them in Python:\n"
-        "  from tiled.client import from_uri\n"
-        + ("  from tiled.server import SimpleTiledServer\n  with " + opener if not catalog_uri
-           else f"  c = {opener}") + "\n"
-        "  from bluesky_xrdml import catalog\n"
-        f"  run = catalog.analyses(c, {uid!r})[0]   # or c['<analysis uid>']\n"
-        "  catalog.maps(run)                  # xarray.Dataset\n"
-        "or browse the embedded catalog:  xrdml serve"
+        "from bluesky_xrdml import catalog\n" + opener
+        + f"{indent}run = catalog.analyses(c, {uid!r})[0]  # newest analysis of the raw run\n"
+        f"{indent}print(catalog.maps(run))  # xarray.Dataset; catalog.peaks(run) for peak tables\n"
+        + ("" if catalog_uri else f"or serve the catalog: xrdml serve --directory {directory}"),
+        highlight=False,
     )
 
 
@@ -90,11 +88,11 @@ def serve(
 
     if not directory.exists():
         console.print(f"[red]{directory} does not exist; run `xrdml demo` first[/red]")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     with embedded(directory, api_key=api_key) as (server, _):
-        console.print(f"serving {directory.resolve()} at {server.uri.split('?')[0]}")
-        console.print("(the API key is in the URI printed by `tiled` logs; set TILED_API_KEY "
-                      "to choose it)" if not os.environ.get("TILED_API_KEY") else "")
+        # a key the user chose stays private; the random one is shown, as tiled itself does
+        uri = server.uri.split("?")[0] if api_key else server.uri
+        console.print(f"serving {directory.resolve()} at {uri}  (Ctrl-C stops)")
         try:
             while True:
                 time.sleep(1)

@@ -2,7 +2,11 @@ import numpy as np
 import pytest
 
 from bluesky_xrdml.simulation import (
-    DEMO_PHASES, PowderSimulator, SpotSimulator, demo_phantom, demo_structures,
+    DEMO_PHASES,
+    PowderSimulator,
+    SpotSimulator,
+    demo_phantom,
+    demo_structures,
 )
 
 WL = 0.1771

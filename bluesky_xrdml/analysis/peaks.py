@@ -34,12 +34,15 @@ class FrameError(ValueError):
 def check_frame(frame) -> np.ndarray:
     """The frame as float64 2D array, or a ``FrameError`` that says what is wrong."""
     arr = np.asarray(frame)
-    arr = arr.reshape(arr.shape[-2:]) if arr.ndim > 2 and arr.size == np.prod(arr.shape[-2:]) else arr
+    if arr.ndim > 2 and arr.size == np.prod(arr.shape[-2:]):  # (1, rows, cols) and the like
+        arr = arr.reshape(arr.shape[-2:])
     if arr.ndim != 2 or min(arr.shape) < PATCH:
-        raise FrameError(f"expected a 2D frame of at least {PATCH}×{PATCH} pixels, got shape {arr.shape}")
+        raise FrameError(
+            f"expected a 2D frame of at least {PATCH}×{PATCH} pixels, got shape {arr.shape}")
     arr = arr.astype(np.float64, copy=False)
     if not np.all(np.isfinite(arr)):
-        raise FrameError(f"frame has {int(np.sum(~np.isfinite(arr)))} NaN/inf pixels; mask them first")
+        bad = int(np.sum(~np.isfinite(arr)))
+        raise FrameError(f"frame has {bad} NaN/inf pixels; mask them first")
     return arr
 
 

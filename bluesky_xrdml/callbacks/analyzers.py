@@ -37,7 +37,7 @@ class Geometry:
     motors: tuple = ()
 
     @classmethod
-    def from_start(cls, start: dict) -> "Geometry":
+    def from_start(cls, start: dict) -> Geometry:
         shape, motors = tuple(start.get("shape") or ()), tuple(start.get("motors") or ())
         if len(shape) == 2 and len(motors) == 2:
             kind = "xrdct" if start.get("xrdml_scan") == "xrdct" else "map"
@@ -106,7 +106,8 @@ class BraggPeaks:
         peaks, frames, errors = [], [], []
         for item in items:
             try:
-                table = locate_peaks(item.value, method=self.method, frame_index=item.point, k=self.k)
+                table = locate_peaks(item.value, method=self.method, frame_index=item.point,
+                                     k=self.k)
             except FrameError as err:
                 errors.append((item.point, str(err)))
                 continue
@@ -170,7 +171,9 @@ class RoiIntensities:
         if len(shape) != 1 or shape[0] < 32:
             return None
         obj = data_key.get("object_name")
-        tt = self.two_theta if self.two_theta is not None else _config_value(descriptor, obj, "two_theta")
+        tt = self.two_theta
+        if tt is None:
+            tt = _config_value(descriptor, obj, "two_theta")
         if tt is None:
             return "1D array without a 2θ axis (no '*two_theta' configuration; pass two_theta=)"
         tt = np.asarray(tt, float)
