@@ -112,6 +112,21 @@ def table(analysis_run, stream: str) -> pd.DataFrame:
     return df[keep].sort_values("seq_num").drop(columns="seq_num").reset_index(drop=True)
 
 
+def verify(analysis_run) -> dict:
+    """Streams whose stored rows differ from the count in the stop document:
+    ``{stream: (expected, stored)}``; empty when everything arrived."""
+    stop = analysis_run.metadata.get("stop") or {}
+    missing = {}
+    for stream, expected in (stop.get("num_events") or {}).items():
+        node = analysis_run[stream]
+        base = getattr(node, "base", node)
+        tables = [k for k in base if k.startswith("internal")]
+        stored = len(base[tables[0]].read()) if tables else 0
+        if stored != expected:
+            missing[stream] = (expected, stored)
+    return missing
+
+
 def peaks(analysis_run) -> pd.DataFrame:
     """The Bragg-peak table: frame, row, col, row_std, col_std, intensity, method, flag."""
     return table(analysis_run, layout.PEAKS)

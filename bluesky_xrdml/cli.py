@@ -57,6 +57,9 @@ def demo(
         console.print(f"  raw run       {s['raw_uid']}")
         console.print(f"  analysis run  {s['analysis_uid']}  "
                       f"[{status}]{s['exit_status']}[/{status}]: {s['reason']}")
+        if s["incomplete"]:
+            console.print(f"  [red]rows missing in the catalog (expected, stored): "
+                          f"{s['incomplete']}[/red]")
         for f in s["figures"]:
             console.print(f"  figure        {f}")
     total = time.perf_counter() - t0

@@ -54,6 +54,7 @@ def run_demo(client, figures: Path, map_points: int = 20, frames: int = 12, log=
             "reason": run.metadata["stop"]["reason"], "points": len(client[raw_uid]["primary"]
                                                                      .base["internal"].read()),
             "scan_s": t_scan, "analysis_done_s": t_all, "figures": [],
+            "incomplete": catalog.verify(run),
         }
         if "peaks" in run:
             table = catalog.peaks(run)

@@ -47,6 +47,7 @@ def test_peak_table_reads_back_as_dataframe(RE, beamline, live, tiled_client):
                                        "intensity", "method", "flag"]
     assert len(table) == run.metadata["stop"]["num_events"]["peaks"] > 20
     assert set(table["frame"]) == {1, 2, 3}
+    assert catalog.verify(run) == {}
 
 
 def test_a_plain_tiled_client_finds_analysis_runs(RE, beamline, live, tiled_client):

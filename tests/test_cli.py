@@ -19,6 +19,7 @@ def test_demo_files_raw_and_analysis_runs_and_saves_figures(tmp_path):
         for uid in raw:
             (run,) = catalog.analyses(client, uid)
             assert run.metadata["stop"]["exit_status"] == "success"
+            assert catalog.verify(run) == {}
             assert uid in result.output
 
 
