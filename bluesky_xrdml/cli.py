@@ -14,6 +14,10 @@ app = typer.Typer(help="Live analysis of synchrotron diffraction data for Bluesk
                   no_args_is_help=True, add_completion=False)
 console = Console(soft_wrap=True)
 
+from .training.cli import train_app  # noqa: E402
+
+app.add_typer(train_app, name="train")
+
 
 @contextlib.contextmanager
 def _open_catalog(catalog_uri: str | None, directory: Path):

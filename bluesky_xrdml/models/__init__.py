@@ -1,0 +1,39 @@
+"""Neural models (no Bluesky in here): loading by name or path, device choice, weights I/O.
+
+``load_model(name)`` loads shipped weights from ``bluesky_xrdml/weights/``; a path to a
+user's own ``.safetensors`` file (with its ``.json`` card beside it) loads the same way.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from .device import select_device
+
+# model name -> module whose ``load(path_or_none, device)`` builds the model object
+REGISTRY: dict[str, str] = {}
+
+
+def register(name: str, module: str) -> None:
+    REGISTRY[name] = module
+
+
+def load_model(name: str, path: str | Path | None = None, device: str = "auto"):
+    """Load model ``name`` ("braggnn", ...): shipped weights, or ``path`` to your own file.
+
+    A path alone (``load_model("my-run.safetensors")``) works too: the card beside it says
+    which model it is.
+    """
+    if name not in REGISTRY and Path(name).with_suffix(".json").exists():
+        import json
+
+        path = name
+        name = json.loads(Path(name).with_suffix(".json").read_text())["model"]
+    if name not in REGISTRY:
+        raise KeyError(f"unknown model {name!r}; available: {sorted(REGISTRY)}")
+    module = importlib.import_module(REGISTRY[name])
+    return module.load(path, device=select_device(device))
+
+
+__all__ = ["REGISTRY", "load_model", "register", "select_device"]

@@ -1,0 +1,1 @@
+"""Dataset generation, training loops and ensembles (torch; used by ``xrdml train``)."""
