@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -59,11 +60,35 @@ def connect(uri: str, api_key: str | None = None):
     try:
         return from_uri(uri, api_key=api_key)
     except Exception as err:  # httpx errors, 401s: say what to check, not a retry trace
+        if "401" in str(err):
+            raise CatalogError(
+                f"the Tiled server at {uri} rejected the API key "
+                f"({'none given' if not api_key else 'TILED_API_KEY or --api-key'}): "
+                "set TILED_API_KEY to a valid key for this server."
+            ) from None
         raise CatalogError(
             f"could not open the Tiled catalog at {uri}: {type(err).__name__}: {err}. "
             "Check that the server is running and reachable, and that TILED_API_KEY "
             "holds a valid key for it."
         ) from None
+
+
+# One lock per catalog server: our writers (raw and analysis runs, on different threads)
+# take turns. The embedded server's DuckDB table storage lost rows, and once aborted the
+# process, when two threads of one process created and appended tables at the same time.
+_LOCKS: dict[str, threading.Lock] = {}
+
+
+def serialized(client, writer):
+    """``writer`` behind the lock of ``client``'s server: one write at a time."""
+    lock = _LOCKS.setdefault(urlsplit(client.uri).netloc, threading.Lock())
+
+    def write(name, doc):
+        with lock:
+            writer(name, doc)
+
+    write.writer = writer
+    return write
 
 
 # Events written per request. 1 makes every event visible at once but costs ~80 ms per
@@ -72,23 +97,108 @@ def connect(uri: str, api_key: str | None = None):
 LIVE_BATCH = 10
 
 
-def raw_writer(client, batch_size: int = LIVE_BATCH):
-    """A ``TiledWriter`` for raw runs that makes events visible while the scan runs."""
-    from bluesky_tiled_plugins.writing.tiled_writer import TiledWriter
+def raw_writer(client, batch_size: int = LIVE_BATCH, spool: str | os.PathLike | None = None):
+    """A writer for raw runs: subscribe it to the RunEngine (``RE.subscribe(w)``).
 
-    return TiledWriter(client, batch_size=batch_size)
-
-
-def analysis_writer(client, batch_size: int = LIVE_BATCH):
-    """A ``TiledWriter`` for analysis runs.
-
-    ``max_array_size=0`` stores every array as an array node: TiledWriter keeps arrays of
-    up to 16 elements in the SQL table by default, and those come back as strings, which
-    would break small maps.
+    It files events while the scan runs (``TiledWriter``, ``batch_size`` events per
+    request), on its own thread so the RunEngine never waits on the catalog, and spools
+    the run to ``<spool>/raw`` if the catalog fails, so an outage neither aborts the scan
+    nor loses data. Arrays are converted to lists first so the spool (JSON lines) can
+    hold them: fine for patterns and frames up to a few megapixels; large detectors
+    should write files (HDF5) that the run references instead. ``w.join()`` waits until
+    everything is handed to Tiled.
     """
     from bluesky_tiled_plugins.writing.tiled_writer import TiledWriter
 
-    return TiledWriter(client, batch_size=batch_size, max_array_size=0)
+    from .callbacks.worker import BackgroundSink
+
+    spool = (default_spool() if spool is None else Path(spool)) / "raw"
+    writer = serialized(client, TiledWriter(client, batch_size=batch_size,
+                                            backup_directory=str(spool)))
+    return BackgroundSink(lambda name, doc: writer(name, jsonable(doc)), name="xrdml-raw-writer")
+
+
+def jsonable(doc):
+    """A copy of a document with numpy arrays and scalars as plain Python values."""
+    if isinstance(doc, dict):
+        return {k: jsonable(v) for k, v in doc.items()}
+    if isinstance(doc, list | tuple):
+        return [jsonable(v) for v in doc]
+    if isinstance(doc, np.ndarray):
+        return doc.tolist()
+    if isinstance(doc, np.generic):
+        return doc.item()
+    return doc
+
+
+def default_spool() -> Path:
+    """Where analysis runs that could not be filed wait for ``xrdml sync``:
+    ``$XRDML_SPOOL``, else ``./xrdml-spool``."""
+    return Path(os.environ.get("XRDML_SPOOL", "xrdml-spool"))
+
+
+def analysis_writer(client, batch_size: int = LIVE_BATCH, spool: str | os.PathLike | None = None):
+    """A ``TiledWriter`` for analysis runs, with a spool so that nothing is lost.
+
+    If writing a run fails (catalog unreachable, key revoked), TiledWriter abandons that
+    run's upload and appends all its documents to ``<spool>/analysis/<uid prefix>.jsonl``;
+    ``sync`` files them later. ``max_array_size=0`` stores every array as an array node:
+    TiledWriter keeps arrays of up to 16 elements in the SQL table by default, and those
+    come back as strings, which would break small maps.
+    """
+    from bluesky_tiled_plugins.writing.tiled_writer import TiledWriter
+
+    spool = (default_spool() if spool is None else Path(spool)) / "analysis"
+    return serialized(client, TiledWriter(client, batch_size=batch_size, max_array_size=0,
+                                          backup_directory=str(spool)))
+
+
+def sync(client, spool: str | os.PathLike | None = None, log=None) -> list[tuple[str, str]]:
+    """Upload spooled analysis runs; idempotent. Returns ``[(uid, what happened)]``.
+
+    A run already complete in the catalog is not written again. A partial copy left by
+    the outage is replaced. A file is renamed ``*.jsonl.synced`` once its run is complete
+    in the catalog, and kept (nothing is deleted).
+    """
+    import json
+
+    from bluesky_tiled_plugins.writing.tiled_writer import TiledWriter
+
+    spool = default_spool() if spool is None else Path(spool)
+    done = []
+    # raw runs first: an analysis run refers to its raw run
+    paths = sorted((spool / "raw").glob("*.jsonl")) + sorted((spool / "analysis").glob("*.jsonl"))
+    for path in paths:
+        max_array_size = 0 if path.parent.name == "analysis" else 16
+        docs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        starts = [d["doc"] for d in docs if d["name"] == "start"]
+        if not starts:
+            done.append((path.name, "skipped: no start document in the file"))
+            continue
+        uid = starts[0]["uid"]
+        if uid in client:
+            node = client[uid]
+            if node.metadata.get("stop") and not verify(node):
+                path.rename(path.with_name(path.name + ".synced"))
+                done.append((uid, "already in the catalog"))
+                continue
+            client.delete_contents(uid, recursive=True, external_only=False)
+            what = "replaced a partial copy"
+        else:
+            what = "uploaded"
+        writer = serialized(client, TiledWriter(client, batch_size=1000,
+                                                max_array_size=max_array_size))
+        for d in docs:
+            writer(d["name"], d["doc"])
+        missing = verify(client[uid])
+        if missing:
+            done.append((uid, f"incomplete after upload {missing}; file kept"))
+            continue
+        path.rename(path.with_name(path.name + ".synced"))
+        done.append((uid, what))
+        if log:
+            log(f"{uid}: {what}")
+    return done
 
 
 def analyses(client, raw_uid: str) -> list:

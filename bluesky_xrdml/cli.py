@@ -49,7 +49,8 @@ def demo(
             where = catalog_uri or f"embedded catalog in {directory.resolve()}"
             console.print(f"catalog: {where}")
             summaries = run_demo(client, directory / "figures", map_points=map_points,
-                                 frames=frames, log=console.print)
+                                 frames=frames, log=console.print,
+                                 spool=None if catalog_uri else directory / "spool")
     except CatalogError as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(2) from None
@@ -83,6 +84,128 @@ def demo(
         + ("" if catalog_uri else f"or serve the catalog: xrdml serve --directory {directory}"),
         highlight=False,
     )
+
+
+def _catalog_options():
+    return (typer.Option(None, "--catalog", help="Tiled server URI (API key from "
+                         "$TILED_API_KEY); default: the embedded catalog in --directory"),
+            typer.Option(Path("xrdml-data"), help="embedded catalog directory"))
+
+
+@app.command()
+def replay(
+    uids: list[str] = typer.Argument(..., help="uids of archived raw runs"),
+    catalog_uri: str = _catalog_options()[0],
+    directory: Path = _catalog_options()[1],
+    engine: bool = typer.Option(True, "--engine/--bulk", help="through the RunEngine with "
+                                "the replay plan, or push documents straight in (faster)"),
+    spool: Path = typer.Option(None, help="where runs wait if the catalog fails "
+                               "(default $XRDML_SPOOL or ./xrdml-spool)"),
+):
+    """Analyse archived runs again; each gets a new analysis run linked to it."""
+    from rich.progress import Progress
+
+    from .catalog import CatalogError
+    from .reprocess import reprocess
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        with _open_catalog(catalog_uri, directory) as (_, client):
+            missing = [u for u in uids if u not in client]
+            if missing:
+                console.print(f"[red]not in the catalog: {', '.join(missing)}[/red]")
+                raise typer.Exit(2)
+            results = []
+            with Progress(console=console) as progress:
+                for uid in uids:
+                    task = progress.add_task(f"{uid[:8]}", total=None)
+                    results.append(reprocess(
+                        client, uid, engine=engine, spool=spool,
+                        on_events=lambda n, t=task: progress.advance(t, n)))
+                    progress.update(task, total=results[-1]["events"],
+                                    completed=results[-1]["events"])
+    except CatalogError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+    failed = 0
+    for r in results:
+        colour = "green" if r["exit_status"] == "success" else "red"
+        failed += r["exit_status"] != "success"
+        console.print(f"{r['raw_uid']} -> analysis {r['analysis_uid']}  "
+                      f"[{colour}]{r['exit_status']}[/{colour}]  {r['events']} events in "
+                      f"{r['seconds']:.1f} s ({r['events'] / max(r['seconds'], 1e-9):.0f}/s): "
+                      f"{r['reason']}", highlight=False)
+        if r["sink_failures"]:
+            console.print(f"  [yellow]the catalog refused {r['sink_failures']} document(s); "
+                          "the run is in the spool: run `xrdml sync`[/yellow]")
+    console.print(f"{len(results)} run(s) replayed, {failed} with errors")
+
+
+@app.command()
+def results(
+    uid: str = typer.Argument(..., help="uid of a raw run"),
+    catalog_uri: str = _catalog_options()[0],
+    directory: Path = _catalog_options()[1],
+    out: Path = typer.Option(Path("xrdml-figures"), help="where to save the PNG figures"),
+):
+    """Summarise the analysis runs of a raw run and save their maps and peak overlays."""
+    from rich.table import Table
+
+    from . import catalog
+    from .plots import save_figures
+
+    try:
+        with _open_catalog(catalog_uri, directory) as (_, client):
+            runs = catalog.analyses(client, uid)
+            if not runs:
+                console.print(f"no analysis runs of {uid} in the catalog")
+                raise typer.Exit(1)
+            table = Table(title=f"analysis runs of {uid} (newest first)")
+            table.add_column("analysis run", no_wrap=True, min_width=36)
+            for col in ("when", "analyses", "models", "status", "events"):
+                table.add_column(col, overflow="fold")
+            figures = []
+            for run in runs:
+                start, stop = run.metadata["start"], run.metadata.get("stop") or {}
+                models = ", ".join(f"{m['name']} {m.get('version') or ''} "
+                                   f"{(m.get('sha256') or '')[:12]}"
+                                   for m in start["xrdml"].get("models", [])) or "classical"
+                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(start["time"]))
+                events = ", ".join(f"{k} {v}" for k, v in (stop.get("num_events") or {}).items())
+                table.add_row(start["uid"], when, ", ".join(start["xrdml"]["analyses"]) or "-",
+                              models, stop.get("exit_status", "running"), events or "-")
+                figures += save_figures(client, run, out)
+            console.print(table)
+            for run in runs:
+                stop = run.metadata.get("stop") or {}
+                console.print(f"{run.metadata['start']['uid'][:8]}: {stop.get('reason', '')}",
+                              highlight=False)
+            for f in figures:
+                console.print(f"figure: {f}")
+    except catalog.CatalogError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def sync(
+    catalog_uri: str = _catalog_options()[0],
+    directory: Path = _catalog_options()[1],
+    spool: Path = typer.Option(None, help="spool folder (default $XRDML_SPOOL or ./xrdml-spool)"),
+):
+    """File the runs that waited in the spool while the catalog was unreachable.
+    Safe to run again: runs already in the catalog are not written twice."""
+    from . import catalog
+
+    try:
+        with _open_catalog(catalog_uri, directory) as (_, client):
+            done = catalog.sync(client, spool)
+    except catalog.CatalogError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+    for uid, what in done:
+        console.print(f"{uid}: {what}")
+    console.print(f"{len(done)} spooled run(s) looked at")
 
 
 @app.command()

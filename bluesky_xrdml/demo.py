@@ -19,17 +19,19 @@ from . import catalog
 from .callbacks import XRDMLCallback
 from .devices import sim_beamline
 from .plans import xrd_map
-from .plots import plot_maps, plot_peaks
+from .plots import save_figures
 
 
-def run_demo(client, figures: Path, map_points: int = 20, frames: int = 12, log=print) -> list:
+def run_demo(client, figures: Path, map_points: int = 20, frames: int = 12, log=print,
+             spool: Path | None = None) -> list:
     """Run the two scans against ``client``; returns one summary dict per scan."""
     figures.mkdir(parents=True, exist_ok=True)
     bl = sim_beamline()
     RE = RunEngine({})
-    RE.subscribe(catalog.raw_writer(client))
+    raw = catalog.raw_writer(client, spool=spool)
+    RE.subscribe(raw)
     cb = XRDMLCallback()
-    cb.subscribe(catalog.analysis_writer(client))
+    cb.subscribe(catalog.analysis_writer(client, spool=spool), background=True)
     RE.subscribe(cb)
 
     summaries = []
@@ -46,6 +48,7 @@ def run_demo(client, figures: Path, map_points: int = 20, frames: int = 12, log=
         (raw_uid,) = RE(plan())
         t_scan = time.perf_counter() - t0
         cb.wait()
+        raw.join()
         t_all = time.perf_counter() - t0
         run = catalog.analyses(client, raw_uid)[0]
         summary = {
@@ -53,22 +56,10 @@ def run_demo(client, figures: Path, map_points: int = 20, frames: int = 12, log=
             "exit_status": run.metadata["stop"]["exit_status"],
             "reason": run.metadata["stop"]["reason"], "points": len(client[raw_uid]["primary"]
                                                                      .base["internal"].read()),
-            "scan_s": t_scan, "analysis_done_s": t_all, "figures": [],
+            "scan_s": t_scan, "analysis_done_s": t_all,
             "incomplete": catalog.verify(run),
+            "figures": save_figures(client, run, figures),
         }
-        if "peaks" in run:
-            table = catalog.peaks(run)
-            first = int(table["frame"].min()) if len(table) else 1
-            frame = client[raw_uid]["primary"]["area_image"][first - 1]
-            path = figures / f"peaks_{raw_uid[:8]}.png"
-            plot_peaks(frame, table[table["frame"] == first], path,
-                       title=f"frame {first}: peaks found live (classical centroids)")
-            summary["figures"].append(str(path))
-            summary["peaks"] = len(table)
-        if "maps" in run:
-            path = figures / f"maps_{raw_uid[:8]}.png"
-            plot_maps(catalog.maps(run), path, title="ROI intensity maps (net counts)")
-            summary["figures"].append(str(path))
         summaries.append(summary)
     summaries[-1]["stalls"] = cb.stats.stalls
     return summaries

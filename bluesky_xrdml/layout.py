@@ -4,7 +4,11 @@ the catalog helpers that read it, and the docs.
 An analysis run is an ordinary Bluesky run. Its start document carries::
 
     plan_name: "xrdml_analysis"
-    xrdml: {raw_uid, raw_scan_id, raw_plan_name, analyses, routes, models, config, version}
+    xrdml: {raw_uid, replay_uid, raw_scan_id, raw_plan_name, analyses, routes, models,
+            config, version}
+
+``raw_uid`` is the archived run's uid also when the analysis ran on a replay of it
+(``replay_uid`` is then the replayed run's uid, else None).
 
 Streams (a stream is only present when its analysis ran):
 
@@ -94,10 +98,13 @@ def error_keys() -> dict:
 
 
 def start_metadata(raw_start: dict, analyses, routes, models, config, version) -> dict:
+    # a replayed run links to the run it replays: that is the raw data in the catalog
+    replay_of = raw_start.get("replay_of")
     return {
         "plan_name": PLAN_NAME,
         "xrdml": {
-            "raw_uid": raw_start["uid"],
+            "raw_uid": replay_of or raw_start["uid"],
+            "replay_uid": raw_start["uid"] if replay_of else None,
             "raw_scan_id": raw_start.get("scan_id"),
             "raw_plan_name": raw_start.get("plan_name"),
             "analyses": list(analyses),

@@ -55,3 +55,32 @@ def plot_peaks(frame, table, path, title: str = "", truth=None):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_figures(client, analysis_run, out_dir) -> list:
+    """PNGs of an analysis run read back from the catalog: its maps, and the first
+    analysed frame of the raw run with the peaks found on it. Returns the paths."""
+    from pathlib import Path
+
+    from . import catalog
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = analysis_run.metadata["start"]
+    raw_uid, tag = start["xrdml"]["raw_uid"], start["uid"][:8]
+    paths = []
+    if "maps" in analysis_run:
+        ds = catalog.maps(analysis_run)
+        two_d = ds[[v for v in ds.data_vars if ds[v].ndim == 2]]
+        paths.append(plot_maps(two_d, out_dir / f"maps_{tag}.png",
+                               title=f"maps of raw run {raw_uid[:8]} (analysis {tag})"))
+    table = catalog.peaks(analysis_run)
+    if len(table) and raw_uid in client:
+        first = int(table["frame"].min())
+        detector = table["detector"].iloc[0]
+        frame = client[raw_uid]["primary"][detector][first - 1]
+        paths.append(plot_peaks(frame, table[table["frame"] == first],
+                                out_dir / f"peaks_{tag}.png",
+                                title=f"raw run {raw_uid[:8]}, frame {first}: "
+                                      f"{(table['frame'] == first).sum()} peaks"))
+    return [str(p) for p in paths]

@@ -1,5 +1,9 @@
 import os
+import tempfile
 from pathlib import Path
+
+# spooled runs of the tests go to a temporary folder, not ./xrdml-spool
+os.environ.setdefault("XRDML_SPOOL", tempfile.mkdtemp(prefix="xrdml-spool-"))
 
 import pytest
 from bluesky import RunEngine
@@ -60,3 +64,65 @@ def tiled_client(tmp_path_factory):
 
     with catalog.embedded(tmp_path_factory.mktemp("catalog")) as (server, client):
         yield client
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiled_server(tmp_path_factory):
+    """A real ``tiled serve catalog`` in a subprocess on 127.0.0.1, with an API key and a
+    temporary SQLite catalog; stopped at the end of the session. Yields ``(uri, api_key)``."""
+    import secrets
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    tiled = shutil.which("tiled", path=str(Path(sys.executable).parent))
+    if tiled is None:
+        pytest.skip("the tiled command is not installed")
+    root = tmp_path_factory.mktemp("tiled-serve")
+    (root / "data").mkdir()
+    key, port = secrets.token_hex(16), _free_port()
+    proc = subprocess.Popen(
+        [tiled, "serve", "catalog", str(root / "catalog.db"), "--init",
+         "-w", str(root / "data"), "-w", f"duckdb:///{root / 'storage.duckdb'}",
+         "--api-key", key, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1, trust_env=False).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"tiled serve did not start: {(root / 'server.log').read_text()}")
+            time.sleep(0.3)
+        yield f"{base}/api", key
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(params=["embedded", "server"])
+def any_catalog(request, tiled_client):
+    """The same test against the embedded catalog and against a real server with a key.
+    Yields ``(client, uri, api_key)``."""
+    if request.param == "embedded":
+        yield tiled_client, tiled_client.uri, tiled_client.context.api_key
+        return
+    from bluesky_xrdml import catalog
+
+    uri, key = request.getfixturevalue("tiled_server")
+    yield catalog.connect(uri, api_key=key), uri, key

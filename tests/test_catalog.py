@@ -13,10 +13,12 @@ from bluesky_xrdml.plans import xrd_map
 
 @pytest.fixture
 def live(RE, tiled_client):
-    RE.subscribe(catalog.raw_writer(tiled_client))
+    raw = catalog.raw_writer(tiled_client)
+    RE.subscribe(raw)
     cb = XRDMLCallback()
     cb.subscribe(catalog.analysis_writer(tiled_client))
     RE.subscribe(cb)
+    cb.raw = raw
     return cb
 
 
@@ -53,6 +55,7 @@ def test_peak_table_reads_back_as_dataframe(RE, beamline, live, tiled_client):
 def test_a_plain_tiled_client_finds_analysis_runs(RE, beamline, live, tiled_client):
     (raw_uid,) = RE(bp.count([beamline.area], num=1))
     live.wait(timeout=60)
+    live.raw.join(timeout=60)
     (analysis_uid,) = [s["analysis_uid"] for s in live.summaries() if s["raw_uid"] == raw_uid]
     plain = from_uri(tiled_client.uri, api_key=tiled_client.context.api_key)
     found = plain.search(Key("start.xrdml.raw_uid") == raw_uid)
@@ -62,11 +65,8 @@ def test_a_plain_tiled_client_finds_analysis_runs(RE, beamline, live, tiled_clie
 
 
 def test_newest_analysis_first(RE, beamline, tiled_client):
-    from event_model import RunRouter  # noqa: F401  (replaying documents needs nothing else)
-
     docs = []
     RE.subscribe(lambda n, d: docs.append((n, d)))
-    RE.subscribe(catalog.raw_writer(tiled_client))
     (raw_uid,) = RE(bp.count([beamline.area], num=1))
     uids = []
     for _ in range(2):  # analyse the same raw run twice, e.g. with a newer model

@@ -187,11 +187,17 @@ class RunAnalysis(DocumentRouter):
             self._emit_rows(stream, rows)
 
     def _on_stop(self, doc):
+        # every analysis adds its maps to one event per stream: same grid, same coordinates
+        merged: dict[str, tuple[dict, dict]] = {}
         for routes in self.routes.values():
             for route in routes:
                 for stream, (keys, data) in route.analysis.finish(route, self.geometry).items():
-                    self._declare(stream, keys)
-                    self._emit_rows(stream, [data])
+                    all_keys, all_data = merged.setdefault(stream, ({}, {}))
+                    all_keys.update(keys)
+                    all_data.update(data)
+        for stream, (keys, data) in merged.items():
+            self._declare(stream, keys)
+            self._emit_rows(stream, [data])
         if not self.counts and not self.errors:
             why = "; ".join(f"{k}: {v}" for k, v in self.ignored.items()) or "no data keys"
             self._close("success", f"nothing to analyse ({why})")
@@ -236,7 +242,8 @@ class RunAnalysis(DocumentRouter):
             return
         keys = list(self._streams[stream].descriptor_doc["data_keys"])
         now = time.time()
-        data = {k: [row[k] for row in rows] for k in keys}
+        # plain Python values: the documents must survive JSON (spool files, 0MQ, exports)
+        data = {k: [_plain(row[k]) for row in rows] for k in keys}
         page = self._streams[stream].compose_event_page(
             data=data, timestamps={k: [now] * len(rows) for k in keys},
             time=[now] * len(rows), validate=False,
@@ -271,7 +278,8 @@ class RunAnalysis(DocumentRouter):
 
     def summary(self) -> dict:
         return {
-            "raw_uid": self.raw_start["uid"],
+            "raw_uid": self.raw_start.get("replay_of") or self.raw_start["uid"],
+            "replay_uid": self.raw_start["uid"] if "replay_of" in self.raw_start else None,
             "analysis_uid": self.uid,
             "exit_status": self.stop_doc["exit_status"] if self.stop_doc else "running",
             "reason": self.stop_doc["reason"] if self.stop_doc else "",
@@ -279,6 +287,14 @@ class RunAnalysis(DocumentRouter):
             "errors": len(self.errors),
             "ignored": dict(self.ignored),
         }
+
+
+def _plain(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def read_stream_datum(resource: dict, datum: dict) -> np.ndarray:

@@ -27,6 +27,49 @@ class WorkerStats:
     max_batch: int = 0
 
 
+class BackgroundSink:
+    """Runs a document sink on its own thread, so a slow or unreachable destination (a
+    Tiled server retrying for tens of seconds) never holds up the analysis or the scan.
+    Documents wait in an unbounded queue in order; ``join()`` waits until all are handed
+    over. Exceptions are logged and counted in ``errors``."""
+
+    def __init__(self, sink, name: str = "xrdml-sink"):
+        self.sink = sink
+        self.errors = 0
+        self.queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def __call__(self, name, doc):
+        self.queue.put((name, doc))
+
+    def join(self, timeout: float | None = None) -> bool:
+        return _join(self.queue, timeout)
+
+    def _loop(self):
+        while True:
+            name, doc = self.queue.get()
+            try:
+                self.sink(name, doc)
+            except Exception:
+                self.errors += 1
+                logger.exception("xrdml: sink %r failed on a %r document", self.sink, name)
+            finally:
+                self.queue.task_done()
+
+
+def _join(q: queue.Queue, timeout: float | None) -> bool:
+    if timeout is None:
+        q.join()
+        return True
+    deadline = time.monotonic() + timeout
+    while q.unfinished_tasks:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 class Worker:
     """Runs ``owner.handle(op, payload)`` and ``owner.process(key, payloads)`` in a thread.
 
@@ -56,15 +99,7 @@ class Worker:
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted so far is processed; False on timeout."""
-        if timeout is None:
-            self.queue.join()
-            return True
-        deadline = time.monotonic() + timeout
-        while self.queue.unfinished_tasks:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
-        return True
+        return _join(self.queue, timeout)
 
     def _take(self) -> list:
         items = [self.queue.get()]

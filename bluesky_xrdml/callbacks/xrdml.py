@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import deque
 
 from event_model import RunRouter
 
 from .analyzers import default_analyses
 from .run import RunAnalysis
-from .worker import Worker
+from .worker import BackgroundSink, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +70,14 @@ class XRDMLCallback(RunRouter):
         return [run], []
 
     # --- the analysis run's documents ---------------------------------------------
-    def subscribe(self, sink) -> int:
-        """Send the analysis runs' documents to ``sink(name, doc)``; returns a token."""
+    def subscribe(self, sink, background: bool = False) -> int:
+        """Send the analysis runs' documents to ``sink(name, doc)``; returns a token.
+
+        ``background=True`` runs the sink on its own thread (use it for writers to a
+        remote catalog: an outage then delays neither the analysis nor the scan).
+        """
         token = next(self._tokens)
-        self._sinks[token] = sink
+        self._sinks[token] = BackgroundSink(sink) if background else sink
         return token
 
     def unsubscribe(self, token: int) -> None:
@@ -88,12 +93,27 @@ class XRDMLCallback(RunRouter):
 
     # --- for people and tests -----------------------------------------------------
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until every document received so far has been analysed and emitted."""
-        return self.worker.join(timeout)
+        """Block until every document received so far has been analysed and handed to
+        every sink (background sinks included). False if ``timeout`` ran out first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self.worker.join(timeout):
+            return False
+        for sink in list(self._sinks.values()):
+            if isinstance(sink, BackgroundSink):
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                if not sink.join(left):
+                    return False
+        return True
 
     @property
     def stats(self):
         return self.worker.stats
+
+    @property
+    def sink_failures(self) -> int:
+        """Documents a sink failed on, foreground and background sinks together."""
+        return self.sink_errors + sum(
+            s.errors for s in self._sinks.values() if isinstance(s, BackgroundSink))
 
     def summaries(self) -> list[dict]:
         """One summary per raw run seen (newest last): uids, status, counts, errors."""
