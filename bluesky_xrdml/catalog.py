@@ -12,6 +12,7 @@ DataFrame (``peaks``). With plain tiled queries::
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from pathlib import Path
@@ -37,9 +38,19 @@ def embedded(directory: str | os.PathLike = "xrdml-data", api_key: str | None = 
     from tiled.server import SimpleTiledServer
 
     Path(directory).mkdir(parents=True, exist_ok=True)
+    # tiled keeps the single-user key process-wide: a second embedded server with another
+    # key locks clients of the first out (401). All ours share one random key per process.
+    api_key = api_key or _process_key()
     # always as a context manager: an exception before close() would hang the process
     with SimpleTiledServer(directory=directory, api_key=api_key) as server:
         yield server, from_uri(server.uri)
+
+
+@functools.cache
+def _process_key() -> str:
+    import secrets
+
+    return secrets.token_hex(8)
 
 
 def connect(uri: str, api_key: str | None = None):
