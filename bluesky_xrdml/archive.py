@@ -62,8 +62,7 @@ class ArchivedRun:
         for name in run:
             stream = run[name]
             base = getattr(stream, "base", stream)
-            tables = [k for k in base if k.startswith("internal")]
-            table = _read_tables(base, tables)
+            table = stream_table(stream)
             arrays = {k: base[k] for k in base if not k.startswith("internal")}
             (descriptor, *_) = stream.descriptors
             self.streams.append(ArchivedStream(name, dict(descriptor), table, arrays))
@@ -99,9 +98,13 @@ class ArchivedRun:
             yield "stop", copy.deepcopy(self.stop)
 
 
-def _read_tables(base, tables):
+def stream_table(stream):
+    """A stream's scalar data as one DataFrame sorted by ``seq_num``: TiledWriter's
+    ``internal`` table (split into ``internal_0``, ``internal_1``, ... when wide)."""
     import pandas as pd
 
+    base = getattr(stream, "base", stream)
+    tables = [k for k in base if k.startswith("internal")]
     if not tables:
         return pd.DataFrame({"seq_num": [], "time": []})
     df = pd.concat([base[t].read() for t in tables], axis=1)

@@ -24,6 +24,7 @@ import xarray as xr
 from tiled.queries import Key
 
 from . import layout
+from .archive import stream_table
 
 
 class CatalogError(RuntimeError):
@@ -223,14 +224,9 @@ def table(analysis_run, stream: str) -> pd.DataFrame:
     """A per-item stream (``peaks``, ``frames``, ``patterns``, ``errors``) as a DataFrame."""
     if stream not in analysis_run:
         return pd.DataFrame()
-    node = analysis_run[stream]
-    base = getattr(node, "base", node)
-    parts = [base[k].read() for k in base if k.startswith("internal")]
-    if not parts:
-        return pd.DataFrame()
-    df = pd.concat(parts, axis=1)
-    keep = [c for c in df.columns if c != "time" and not c.startswith("ts_")]
-    return df[keep].sort_values("seq_num").drop(columns="seq_num").reset_index(drop=True)
+    df = stream_table(analysis_run[stream])
+    keep = [c for c in df.columns if c not in ("time", "seq_num") and not c.startswith("ts_")]
+    return df[keep]
 
 
 def verify(analysis_run) -> dict:
@@ -239,10 +235,7 @@ def verify(analysis_run) -> dict:
     stop = analysis_run.metadata.get("stop") or {}
     missing = {}
     for stream, expected in (stop.get("num_events") or {}).items():
-        node = analysis_run[stream]
-        base = getattr(node, "base", node)
-        tables = [k for k in base if k.startswith("internal")]
-        stored = len(base[tables[0]].read()) if tables else 0
+        stored = len(stream_table(analysis_run[stream])) if stream in analysis_run else 0
         if stored != expected:
             missing[stream] = (expected, stored)
     return missing
