@@ -32,7 +32,8 @@ class CatalogError(RuntimeError):
 
 
 @contextlib.contextmanager
-def embedded(directory: str | os.PathLike = "xrdml-data", api_key: str | None = None):
+def embedded(directory: str | os.PathLike = "xrdml-data", api_key: str | None = None,
+             port: int = 0):
     """Start an embedded Tiled server on 127.0.0.1 over ``directory`` (kept between runs:
     SQLite catalog + files). Yields ``(server, client)``; the server stops on exit."""
     from tiled.client import from_uri
@@ -43,7 +44,7 @@ def embedded(directory: str | os.PathLike = "xrdml-data", api_key: str | None = 
     # key locks clients of the first out (401). All ours share one random key per process.
     api_key = api_key or _process_key()
     # always as a context manager: an exception before close() would hang the process
-    with SimpleTiledServer(directory=directory, api_key=api_key) as server:
+    with SimpleTiledServer(directory=directory, api_key=api_key, port=port) as server:
         yield server, from_uri(server.uri)
 
 

@@ -212,6 +212,7 @@ def sync(
 def serve(
     directory: Path = typer.Option(Path("xrdml-data"), help="embedded catalog directory"),
     api_key: str = typer.Option(None, envvar="TILED_API_KEY", help="API key (default: random)"),
+    port: int = typer.Option(0, help="port on 127.0.0.1 (default: any free one)"),
 ):
     """Serve the embedded catalog on 127.0.0.1 until Ctrl-C."""
     from .catalog import embedded
@@ -219,7 +220,7 @@ def serve(
     if not directory.exists():
         console.print(f"[red]{directory} does not exist; run `xrdml demo` first[/red]")
         raise typer.Exit(2) from None
-    with embedded(directory, api_key=api_key) as (server, _):
+    with embedded(directory, api_key=api_key, port=port) as (server, _):
         # a key the user chose stays private; the random one is shown, as tiled itself does
         uri = server.uri.split("?")[0] if api_key else server.uri
         console.print(f"serving {directory.resolve()} at {uri}  (Ctrl-C stops)")
