@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import shared_data
 from typer.testing import CliRunner
 
 from bluesky_xrdml import catalog
@@ -11,8 +12,6 @@ from bluesky_xrdml.archive import ArchivedRun
 from bluesky_xrdml.callbacks import XRDMLCallback
 from bluesky_xrdml.cli import app
 from bluesky_xrdml.plans import replay, xrd_map
-
-from conftest import shared_data
 
 
 @pytest.fixture(scope="module", params=["embedded", "server"])
