@@ -69,3 +69,23 @@ def test_table_has_the_documented_columns():
                                    "method", "flag"]
     assert table["frame"].tolist() == [7]
     assert 0 < table["row_std"].iloc[0] < 0.2
+
+
+def test_component_finder_matches_labelling_the_whole_frame():
+    from skimage.measure import label, regionprops
+
+    from bluesky_xrdml.analysis.peaks import _components, threshold
+
+    sim = SpotSimulator(shape=(300, 420), density=60, seed=8)
+    frame = sim.frame(2.5, np.random.default_rng(0))
+    mask = frame > threshold(frame)
+    ours = _components(mask, block=16)
+    ref = regionprops(label(mask, connectivity=2))
+    assert len(ours) == len(ref) > 20
+    for (rr, cc), region in zip(ours, ref):
+        assert sorted(zip(rr, cc)) == sorted(map(tuple, region.coords))
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="available"):
+        locate_peaks(synthetic([(30, 30, 3000)]), method="magic")

@@ -19,6 +19,9 @@ def register(name: str, module: str) -> None:
     REGISTRY[name] = module
 
 
+register("braggnn", "bluesky_xrdml.models.braggnn")
+
+
 def load_model(name: str, path: str | Path | None = None, device: str = "auto"):
     """Load model ``name`` ("braggnn", ...): shipped weights, or ``path`` to your own file.
 

@@ -2,7 +2,113 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 train_app = typer.Typer(help="Train a model from simulation or from your own labelled runs.",
                         no_args_is_help=True)
+
+
+def _frames_from_run(catalog_uri: str, uid: str, key: str | None, max_frames: int | None):
+    """The 2D frames of an archived raw run's primary stream, read from Tiled."""
+    import numpy as np
+
+    from .. import catalog
+
+    client = catalog.connect(catalog_uri)
+    try:
+        run = client[uid]
+    except KeyError:
+        raise typer.BadParameter(f"no run {uid!r} in the catalog at {catalog_uri}") from None
+    stream = run["primary"]
+    descriptors = getattr(stream, "descriptors", None) or []
+    data_keys = descriptors[0]["data_keys"] if descriptors else {}
+    frames_keys = [k for k, v in data_keys.items()
+                   if len([s for s in v.get("shape", []) if s not in (None, 1)]) == 2]
+    if key is None:
+        if not frames_keys:
+            raise typer.BadParameter(f"run {uid} has no 2D frames in its primary stream "
+                                     f"(data keys: {sorted(data_keys)}); pass --key")
+        key = frames_keys[0]
+    if key not in stream:
+        raise typer.BadParameter(f"run {uid} has no data key {key!r} in 'primary' "
+                                 f"(it has: {sorted(stream)})")
+    node = stream[key]
+    n = node.shape[0] if max_frames is None else min(node.shape[0], max_frames)
+    frames = np.asarray(node[:n])
+    return frames.reshape(len(frames), *frames.shape[-2:]), key
+
+
+@train_app.command("braggnn")
+def braggnn(
+    out: Path = typer.Option(None, help="weights file to write (.safetensors; card .json and "
+                             "loss curve .png beside it); default braggnn.safetensors, or "
+                             "braggnn-<uid>.safetensors when fine-tuning"),
+    from_run: str = typer.Option(None, "--from-run", help="fine-tune on this archived raw run "
+                                 "(uid), its peaks labelled by pseudo-Voigt fits"),
+    catalog_uri: str = typer.Option(None, "--catalog", help="Tiled URI of the run's catalog "
+                                    "(API key from $TILED_API_KEY)"),
+    key: str = typer.Option(None, help="2D data key of the frames (default: the first one)"),
+    base: Path = typer.Option(None, help="weights to fine-tune (default: the shipped ones)"),
+    epochs: int = typer.Option(None, help="epochs (default 40 from simulation, 30 fine-tuning)"),
+    patches_per_epoch: int = typer.Option(50_000, help="fresh simulated patches per epoch"),
+    trunk_fraction: float = typer.Option(0.75, help="share of the epochs/minutes spent on one "
+                                         "trunk network before it is forked into the members "
+                                         "(0: independent members)"),
+    members: int = typer.Option(5, help="ensemble members"),
+    resume: Path = typer.Option(None, help="continue training from these weights "
+                                "(simulation only; the average of their members starts the trunk)"),
+    minutes: float = typer.Option(None, help="stop training after this many minutes"),
+    max_frames: int = typer.Option(None, help="use at most this many frames of the run"),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(2, help="CPU threads for torch"),
+    version: str = typer.Option("1.0", help="version recorded in the model card"),
+):
+    """Train BraggNN: from simulated patches (true centres), or fine-tune on an archived run."""
+    import torch
+    from rich.console import Console
+
+    from . import braggnn as training
+
+    console = Console(soft_wrap=True)
+    torch.set_num_threads(threads)
+    if from_run:
+        if not catalog_uri:
+            raise typer.BadParameter("--from-run needs --catalog URI (the Tiled server of the run)")
+        from ..catalog import CatalogError
+
+        try:
+            frames, key = _frames_from_run(catalog_uri, from_run, key, max_frames)
+        except CatalogError as err:
+            console.print(f"[red]{err}[/red]")
+            raise typer.Exit(2) from None
+        console.print(f"run {from_run}: {len(frames)} frames of {key!r} {frames.shape[1:]}")
+        out = out or Path(f"braggnn-{from_run[:8]}.safetensors")
+        try:
+            card = training.finetune_from_frames(
+                frames, out, base=base, epochs=epochs or 30, seed=seed, log=console.print,
+                source={"run": from_run, "catalog": catalog_uri.split("?")[0], "key": key,
+                        "frames": len(frames)})
+        except ValueError as err:
+            console.print(f"[red]{err}[/red]")
+            raise typer.Exit(1) from None
+        m = card["metrics"]["held_out_error_vs_fit_px"]
+        console.print(f"held-out peaks: p75 error vs fit {m['before']['p75']:.3f} px before, "
+                      f"{m['after']['p75']:.3f} px after fine-tuning")
+    else:
+        out = out or Path("braggnn.safetensors")
+        card = training.train_from_simulation(
+            out, epochs=epochs or 40, patches_per_epoch=patches_per_epoch, members=members,
+            seed=seed, minutes=minutes, trunk_fraction=trunk_fraction, resume=resume,
+            version=version, log=console.print)
+        m = card["metrics"]["all"]
+        console.print(f"validation vs truth: p50 {m['p50']:.3f}  p75 {m['p75']:.3f}  "
+                      f"p95 {m['p95']:.3f}  p99 {m['p99']:.3f} px  ({m['n']} patches)")
+        for kind, v in card["metrics"].items():
+            if kind != "all":
+                console.print(f"  {kind:10s} p75 {v['p75']:.3f}  p95 {v['p95']:.3f} px")
+    out = Path(out).with_suffix(".safetensors")
+    console.print(f"wrote {out} (sha256 {card['sha256'][:12]}…), {out.with_suffix('.json')}, "
+                  f"{out.with_suffix('.png')}")
+    console.print(f"use it: load_model({str(out)!r}) or BraggPeaks(weights={str(out)!r})")

@@ -1,0 +1,273 @@
+"""BraggNN: architecture, predict contract, training, frame pipeline, callback, fine-tuning."""
+
+import json
+
+import bluesky.plans as bp
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bluesky_xrdml import catalog
+from bluesky_xrdml.analysis import locate_peaks
+from bluesky_xrdml.callbacks import BraggPeaks, XRDMLCallback
+from bluesky_xrdml.cli import app
+from bluesky_xrdml.models import braggnn as bnn
+from bluesky_xrdml.models import load_model
+from bluesky_xrdml.models.weights import WEIGHTS_DIR, sha256_file
+from bluesky_xrdml.simulation import SpotSimulator
+from bluesky_xrdml.simulation.spots import pseudo_voigt_2d
+from bluesky_xrdml.training.braggnn import train_ensemble
+from bluesky_xrdml.training.patches import simulate_patches
+
+ROWS, COLS = np.mgrid[0:11, 0:11].astype(float)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("braggnn", device="cpu")
+
+
+def test_architecture_is_the_reference_one():
+    net = bnn.BraggNN()
+    assert bnn.n_parameters(net) == 33_166  # ~33 k as in the paper's code
+    shapes = {}
+    for name in ("conv1", "nlb", "conv2", "conv3"):
+        getattr(net, name).register_forward_hook(
+            lambda m, i, o, name=name: shapes.__setitem__(name, tuple(o.shape)))
+    attention = []
+    net.nlb.register_forward_hook(lambda m, i, o: attention.append(
+        (m.theta(i[0]).flatten(2).transpose(1, 2) @ m.phi(i[0]).flatten(2)).shape))
+    out = net(torch.rand(3, 1, 11, 11))
+    assert out.shape == (3, 2)
+    assert shapes == {"conv1": (3, 64, 9, 9), "nlb": (3, 64, 9, 9), "conv2": (3, 32, 7, 7),
+                      "conv3": (3, 8, 5, 5)}
+    assert attention == [(3, 81, 81)]  # softmax over the 81 positions
+    assert [m.out_features for m in net.dense if isinstance(m, torch.nn.Linear)] == [16, 8, 4, 2]
+    assert net.dense[0].in_features == 200
+    assert 4.0e6 < bnn.flops_per_patch(net) < 4.4e6
+
+
+def test_predict_contract_dtypes_coordinates_and_std(model):
+    # patches are centred on the brightest pixel, so true centres lie within ±1 px of 5
+    truth = np.array([[4.3, 5.8], [5.0, 5.0], [5.6, 4.2]])
+    clean = np.stack([20 + pseudo_voigt_2d(ROWS, COLS, r, c, 1.2, 1.0, 0.3, 0.2, 4000)
+                      for r, c in truth])
+    for dtype in (np.uint16, np.int32, np.float32, np.float64):
+        pred = model.predict(clean.astype(dtype))
+        assert pred.dtype == np.float64 and pred.shape == (3, 2)
+        assert np.all(np.hypot(*(pred - truth).T) < 0.25), (dtype, pred)
+    # transposing the patch swaps (row, col): the centre of patch[0, 0] is (0, 0)
+    pred_t = model.predict(clean.transpose(0, 2, 1))
+    assert np.allclose(pred_t[:, ::-1], model.predict(clean), atol=0.25)
+    centre, std = model.predict(clean, return_std=True)
+    assert std.shape == (3, 2) and np.all(std >= 0) and np.all(std < 0.5)
+    # scaling the counts does not move the centre (min-max scaled input)
+    assert np.allclose(model.predict(clean * 7 + 100), centre, atol=1e-4)
+    assert model.predict(np.zeros((0, 11, 11))).shape == (0, 2)
+    with pytest.raises(ValueError, match="11, 11"):
+        model.predict(np.zeros((2, 9, 9)))
+
+
+def test_shipped_weights_have_a_card_with_provenance(model):
+    card = json.loads((WEIGHTS_DIR / "braggnn.json").read_text())
+    assert card["sha256"] == sha256_file(WEIGHTS_DIR / "braggnn.safetensors")
+    assert card["architecture"]["channels"] == [64, 32, 8]
+    assert card["training"]["labels"] == "true centres"
+    assert card["training"]["recipe"]["kinds"]
+    assert card["metrics"]["all"]["p75"] < 0.2
+    assert model.provenance() == {"name": "braggnn", "version": card["version"],
+                                  "sha256": card["sha256"]}
+    assert len(model.ensemble.members) == card["members"] >= 3
+
+
+@pytest.fixture
+def one_thread():
+    """Small networks train several times faster on one thread when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tiny_training_beats_the_patch_centre_guess(tmp_path, one_thread):
+    torch.manual_seed(0)
+    train = simulate_patches(4000, seed=1, kinds=["isolated"])
+    val = simulate_patches(1000, seed=2, kinds=["isolated"])
+    ensemble = bnn.BraggNNEnsemble(1, seed=1)
+    history = train_ensemble(ensemble, (train["patches"], train["centre"]), 8, batch=128,
+                             lr=2e-3, progress=False, decay_from=0.6)
+    assert len(history) == 8
+    predictor = bnn.BraggNNPredictor(ensemble)
+    err = np.hypot(*(predictor.predict(val["patches"]) - val["centre"]).T)
+    guess = np.hypot(*(5.0 - val["centre"]).T)  # the trivial baseline: the patch centre
+    assert np.percentile(err, 75) < 0.5 * np.percentile(guess, 75)
+    # a user's own file loads the same way as the shipped one
+    from bluesky_xrdml.models import weights
+
+    weights.save(tmp_path / "mine.safetensors", bnn.tensors(ensemble),
+                 {"model": "braggnn", "name": "mine", "version": "0"})
+    mine = load_model(str(tmp_path / "mine.safetensors"))
+    assert np.allclose(mine.predict(val["patches"][:5]), predictor.predict(val["patches"][:5]))
+
+
+def nearest(truth, table):
+    d = np.hypot(truth["row"].to_numpy()[:, None] - table["row"].to_numpy()[None],
+                 truth["col"].to_numpy()[:, None] - table["col"].to_numpy()[None])
+    return d.min(axis=1)
+
+
+def test_every_method_finds_isolated_spots_at_their_true_centres(model):
+    sim = SpotSimulator(seed=11)
+    errors = {m: [] for m in ("braggnn", "pseudo-voigt", "centroid")}
+    for omega in (0.4, 3.3, 7.1):
+        frame = sim.frame(omega, np.random.default_rng(4))
+        truth = sim.truth(omega)
+        iso = truth[truth["isolated"] & (truth["height"] > 300)]
+        for method in errors:
+            table = locate_peaks(frame, method=method, model=model)
+            errors[method].append(nearest(iso, table))
+            assert set(table["method"]) <= {method, "pseudo-voigt", "pseudo-voigt-multi",
+                                            "centroid"}
+    errors = {m: np.concatenate(e) for m, e in errors.items()}
+    assert len(errors["braggnn"]) >= 15
+    for method in ("braggnn", "pseudo-voigt", "centroid"):
+        assert np.median(errors[method]) < 0.08, (method, np.median(errors[method]))
+        assert np.all(errors[method] < 0.6)
+
+
+def frame_with(peaks, shape=(48, 64), bg=15.0, seed=0):
+    rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
+    expected = np.full(shape, bg)
+    for r, c, h in peaks:
+        expected += pseudo_voigt_2d(rows, cols, r, c, 1.2, 1.1, 0.3, 0.2, h)
+    return np.random.default_rng(seed).poisson(expected).astype(np.uint16)
+
+
+def row_near(table, r, c):
+    d = np.hypot(table["row"] - r, table["col"] - c)
+    return table.iloc[int(np.argmin(d))], float(d.min())
+
+
+def test_edge_and_multi_flags_and_who_centred_them(model):
+    truth = [(24.3, 20.6, 5000), (1.8, 40.2, 5000), (30.2, 50.1, 4000), (32.1, 53.6, 3000)]
+    table = locate_peaks(frame_with(truth), method="braggnn", model=model)
+    clean, d0 = row_near(table, 24.3, 20.6)
+    assert clean["flag"] == "" and clean["method"] == "braggnn" and d0 < 0.15
+    edge, d1 = row_near(table, 1.8, 40.2)
+    assert "edge" in edge["flag"] and edge["method"] == "braggnn" and d1 < 0.3
+    for r, c, _ in truth[2:]:
+        row, d = row_near(table, r, c)
+        assert "multi" in row["flag"] and row["method"] == "pseudo-voigt-multi"
+        assert d < 0.2, (r, c, d)
+    # the centroid of the same pair is pulled toward the neighbour
+    cen = locate_peaks(frame_with(truth), method="centroid")
+    assert row_near(cen, 30.2, 50.1)[1] > 0.2
+
+
+def test_uncertain_peaks_are_redone_by_the_fit(model):
+    frame = frame_with([(24.3, 20.6, 5000), (10.4, 45.2, 800)])
+    # a threshold of 0 px: every peak the network centred counts as uncertain
+    strict = bnn.BraggNNPredictor(model.ensemble, {**model.card, "uncertain_std_px": 0.0})
+    table = locate_peaks(frame, method="braggnn", model=strict)
+    assert (table["flag"] == "uncertain").all() and (table["method"] == "pseudo-voigt").all()
+    assert row_near(table, 24.3, 20.6)[1] < 0.15
+    # with the calibrated threshold, few bright isolated peaks are flagged, and patches of
+    # pure noise (no peak to agree on) several times more often
+    bright = simulate_patches(1500, seed=5, kinds=["isolated"])
+    _, std_bright = model.predict(bright["patches"][bright["snr"] > 20], return_std=True)
+    noise = np.random.default_rng(0).poisson(20, (500, 11, 11))
+    _, std_noise = model.predict(noise, return_std=True)
+    rate_bright = np.mean(std_bright.max(1) > model.uncertain_px)
+    rate_noise = np.mean(std_noise.max(1) > model.uncertain_px)
+    assert rate_bright < 0.08 and rate_noise > 3 * rate_bright, (rate_bright, rate_noise)
+    # the calibrated std matches the error on held-out simulated patches
+    held_out = simulate_patches(2000, seed=5)
+    pred, std = model.predict(held_out["patches"], return_std=True)
+    z = np.abs(pred - held_out["centre"]) / std
+    assert 0.55 < np.mean(z < 1) < 0.95 and np.mean(z < 3) > 0.9
+
+
+def test_live_callback_uses_braggnn_and_records_its_provenance(RE, beamline, collector):
+    cb = XRDMLCallback()
+    cb.subscribe(collector)
+    RE.subscribe(cb)
+    RE(bp.scan([beamline.area], beamline.rot, 0.0, 2.0, 3))
+    assert cb.wait(timeout=60)
+    (start,) = collector.of("start")
+    card = json.loads((WEIGHTS_DIR / "braggnn.json").read_text())
+    sha = sha256_file(WEIGHTS_DIR / "braggnn.safetensors")
+    assert start["xrdml"]["models"] == [{"name": "braggnn", "version": card["version"],
+                                         "sha256": sha}]
+    assert start["xrdml"]["config"]["bragg-peaks"]["method"] == "braggnn"
+    (stop,) = collector.of("stop")
+    assert stop["exit_status"] == "success", stop["reason"]
+    peaks = collector.stream("peaks")
+    assert {p["method"] for p in peaks} >= {"braggnn"}
+    errors = []
+    for i, truth in enumerate(beamline.area.truth, start=1):
+        iso = truth[truth["isolated"] & (truth["height"] > 500)]
+        found = np.array([(p["row"], p["col"]) for p in peaks if p["frame"] == i])
+        errors += [np.min(np.hypot(found[:, 0] - r, found[:, 1] - c))
+                   for r, c in zip(iso["row"], iso["col"])]
+    assert len(errors) >= 5 and np.median(errors) < 0.12
+
+
+def test_missing_weights_fall_back_to_centroids_and_say_why(tmp_path):
+    analysis = BraggPeaks(weights=str(tmp_path / "nowhere.safetensors"))
+    assert analysis.method == "centroid"
+    assert analysis.models == []
+    assert "no weights" in analysis.config["fallback"]
+    assert BraggPeaks(method="centroid").models == []
+    with pytest.raises(ValueError, match="available"):
+        BraggPeaks(method="magic")
+
+
+def test_finetune_on_an_archived_run_through_the_cli(tiled_client, RE, beamline, tmp_path,
+                                                     monkeypatch):
+    RE.subscribe(catalog.raw_writer(tiled_client))
+    (uid,) = RE(bp.scan([beamline.area], beamline.rot, 0.0, 7.0, 8))
+    uri = tiled_client.uri
+    monkeypatch.setenv("TILED_API_KEY", tiled_client.context.api_key or "")
+    out = tmp_path / "mine.safetensors"
+    result = CliRunner().invoke(app, ["train", "braggnn", "--from-run", uid, "--catalog", uri,
+                                      "--out", str(out), "--epochs", "3"])
+    assert result.exit_code == 0, result.output
+    assert "labelled" in result.output and "area_image" in result.output
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["base"]["sha256"] == sha256_file(WEIGHTS_DIR / "braggnn.safetensors")
+    assert card["training"]["data"]["run"] == uid
+    assert card["training"]["labelled"]["labelled"] >= 15
+    assert out.with_suffix(".png").exists()
+    mine = load_model(str(out))
+    assert mine.provenance()["sha256"] == card["sha256"]
+    # the fine-tuned model still centres isolated peaks well
+    clean = simulate_patches(300, seed=9, kinds=["isolated"])
+    good = clean["snr"] > 10
+    err = np.hypot(*(mine.predict(clean["patches"][good]) - clean["centre"][good]).T)
+    assert np.median(err) < 0.15
+    # an unknown run says so
+    bad = CliRunner().invoke(app, ["train", "braggnn", "--from-run", "nope", "--catalog", uri])
+    assert bad.exit_code != 0 and "no run" in bad.output
+
+
+def test_real_ruby_frames_braggnn_agrees_with_the_fit_on_isolated_spots(model):
+    from conftest import shared_data
+
+    path = shared_data("ruby_dexela", "mruby-0129_000004_ff1_000012-cachefile.npz")
+    z = np.load(path)
+    dist = []
+    frames = sorted({int(k.split("_")[0]) for k in z.files if k.split("_")[0].isdigit()},
+                    key=lambda i: z[f"{i}_data"].size)[-12:]  # the frames with most spots
+    for i in frames:
+        frame = np.zeros(tuple(z["shape"]), np.uint16)
+        frame[z[f"{i}_row"], z[f"{i}_col"]] = z[f"{i}_data"]
+        nn = locate_peaks(frame, method="braggnn", model=model)
+        pv = locate_peaks(frame, method="pseudo-voigt")
+        assert len(nn) == len(pv)  # same candidates, same order
+        both = ((nn["flag"] == "") & (nn["method"] == "braggnn")
+                & (pv["method"] == "pseudo-voigt")).to_numpy()
+        dist.append(np.hypot(nn["row"] - pv["row"], nn["col"] - pv["col"]).to_numpy()[both])
+    dist = np.concatenate(dist)
+    assert len(dist) >= 15
+    assert np.median(dist) < 0.3, np.median(dist)
