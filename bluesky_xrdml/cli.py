@@ -101,6 +101,8 @@ def replay(
                                 "the replay plan, or push documents straight in (faster)"),
     spool: Path = typer.Option(None, help="where runs wait if the catalog fails "
                                "(default $XRDML_SPOOL or ./xrdml-spool)"),
+    model: list[str] = typer.Option([], "--model", help="NAME=PATH: your own weights for a "
+                                    "model, e.g. braggnn=my.safetensors (repeatable)"),
 ):
     """Analyse archived runs again; each gets a new analysis run linked to it."""
     from rich.progress import Progress
@@ -109,6 +111,13 @@ def replay(
     from .reprocess import reprocess
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    models = {}
+    for item in model:
+        name, _, path = item.partition("=")
+        if not path or not Path(path).exists():
+            console.print(f"[red]--model {item}: expected NAME=PATH to an existing file[/red]")
+            raise typer.Exit(2)
+        models[name] = path
     try:
         with _open_catalog(catalog_uri, directory) as (_, client):
             missing = [u for u in uids if u not in client]
@@ -120,7 +129,7 @@ def replay(
                 for uid in uids:
                     task = progress.add_task(f"{uid[:8]}", total=None)
                     results.append(reprocess(
-                        client, uid, engine=engine, spool=spool,
+                        client, uid, models=models, engine=engine, spool=spool,
                         on_events=lambda n, t=task: progress.advance(t, n)))
                     progress.update(task, total=results[-1]["events"],
                                     completed=results[-1]["events"])

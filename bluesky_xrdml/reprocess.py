@@ -14,17 +14,18 @@ from .archive import ArchivedRun
 from .callbacks import XRDMLCallback
 
 
-def reprocess(client, uid: str, *, analyses=None, engine: bool = True, spool=None,
-              on_events=None) -> dict:
+def reprocess(client, uid: str, *, analyses=None, models=None, engine: bool = True,
+              spool=None, on_events=None) -> dict:
     """Analyse archived run ``uid`` again and file a new analysis run in ``client``.
 
-    ``analyses``: as for ``XRDMLCallback`` (default: every analysis available).
+    ``analyses``/``models``: as for ``XRDMLCallback`` (default: every analysis available,
+    shipped weights).
     ``on_events(n)`` is called as events go through (for progress bars).
     Returns a summary: uids, status, reason, events, seconds.
     """
     t0 = time.perf_counter()
     archived = ArchivedRun(client[uid])
-    cb = XRDMLCallback(analyses)
+    cb = XRDMLCallback(analyses, models=models)
     # big batches: nobody watches a reprocessed run fill up, and each request costs ~0.1 s
     cb.subscribe(catalog.analysis_writer(client, batch_size=500, spool=spool), background=True)
     if engine:

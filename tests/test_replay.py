@@ -114,6 +114,25 @@ def test_cli_replay_and_results(archived, tmp_path, monkeypatch):
     assert key not in out.output
 
 
+def test_replay_with_your_own_model_records_its_provenance(archived, tmp_path):
+    from bluesky_xrdml.models import weights
+    from bluesky_xrdml.models.weights import WEIGHTS_DIR
+
+    client, uri, key, uid = archived
+    tensors, card = weights.load(WEIGHTS_DIR / "braggnn.safetensors")
+    first = next(iter(tensors))
+    tensors[first] = tensors[first] * 1.001  # "retrained": other weights, other sha256
+    mine = weights.save(tmp_path / "mine.safetensors", tensors, {**card, "version": "mine"})
+    out = CliRunner().invoke(app, ["replay", uid, "--catalog", uri, "--bulk",
+                                   "--model", f"braggnn={tmp_path / 'mine.safetensors'}"],
+                             env={"TILED_API_KEY": key})
+    assert out.exit_code == 0, out.output
+    newest = catalog.analyses(client, uid)[0]
+    (used,) = newest.metadata["start"]["xrdml"]["models"]
+    assert used["sha256"] == mine["sha256"] != card["sha256"]
+    assert used["version"] == "mine"
+
+
 def test_wrong_key_says_what_to_check_and_never_shows_the_key(tiled_server):
     uri, key = tiled_server
     with pytest.raises(catalog.CatalogError) as err:

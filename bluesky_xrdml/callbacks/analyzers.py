@@ -292,6 +292,14 @@ def _grid_event(values: dict, rows: list, points: list, geometry: Geometry):
     return keys, data
 
 
-def default_analyses(rois=None, phases=None) -> list:
-    """Every analysis available: Bragg peaks on frames, ROI intensities on patterns."""
-    return [BraggPeaks(), RoiIntensities(rois=rois, phases=phases)]
+def default_analyses(rois=None, phases=None, models: dict | None = None) -> list:
+    """Every analysis available: Bragg peaks on frames, ROI intensities on patterns.
+
+    ``models`` maps a model name to your own weights file, e.g.
+    ``{"braggnn": "my-braggnn.safetensors"}``; shipped weights otherwise.
+    """
+    models = dict(models or {})
+    unknown = set(models) - {"braggnn"}
+    if unknown:
+        raise ValueError(f"no analysis uses model(s) {sorted(unknown)}; known: braggnn")
+    return [BraggPeaks(weights=models.get("braggnn")), RoiIntensities(rois=rois, phases=phases)]

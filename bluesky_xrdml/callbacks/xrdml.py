@@ -36,6 +36,9 @@ class XRDMLCallback(RunRouter):
     rois, phases :
         Shortcuts for the default ROI analysis: explicit ``Roi`` windows, or phases
         (name -> pymatgen ``Structure``) whose strongest free reflection becomes a ROI.
+    models : dict, optional
+        Your own weights for the default analyses' models, e.g.
+        ``{"braggnn": "my-braggnn.safetensors"}``; the shipped weights otherwise.
     queue_size : int
         Bound of the queue between the RunEngine and the worker. When full, the
         RunEngine waits (counted in ``stats.stalls``); nothing is dropped.
@@ -45,9 +48,10 @@ class XRDMLCallback(RunRouter):
         Passed to ``RunRouter`` to fill old-style resource/datum external data.
     """
 
-    def __init__(self, analyses=None, *, rois=None, phases=None, queue_size: int = 256,
-                 batch_size: int = 64, handler_registry=None):
-        self.analyses = list(analyses) if analyses is not None else default_analyses(rois, phases)
+    def __init__(self, analyses=None, *, rois=None, phases=None, models=None,
+                 queue_size: int = 256, batch_size: int = 64, handler_registry=None):
+        self.analyses = (list(analyses) if analyses is not None
+                         else default_analyses(rois, phases, models))
         self.worker = Worker(maxsize=queue_size, batch_size=batch_size)
         self.config = {"queue_size": queue_size, "batch_size": batch_size}
         self._sinks: dict[int, object] = {}
