@@ -7,6 +7,8 @@ An analysis run is an ordinary Bluesky run. Its start document carries::
     xrdml: {raw_uid, replay_uid, raw_scan_id, raw_plan_name, analyses, routes, models,
             config, version}
 
+``routes`` maps each raw data key to the analyses that used it (a list of names).
+
 ``raw_uid`` is the archived run's uid also when the analysis ran on a replay of it
 (``replay_uid`` is then the replayed run's uid, else None).
 
@@ -21,6 +23,8 @@ Streams (a stream is only present when its analysis ran):
 ``maps``    one event at the end of a map / XRD-CT: 2D arrays whose data keys carry
             ``dims``; coordinate arrays are data keys named after their dimension
 ``sinograms`` XRD-CT only: the per-ROI sinograms (rotation × translation) before FBP
+``phases``  one event per 1D pattern quantified by PQ-Net: point, ``<phase>_<parameter>``
+            (scale, fraction, size_nm, lattice_a, ...) and ``_std``, detector, motors
 ``errors``  one event per item that failed: point, detector, error (message)
 ==========  ======================================================================
 
@@ -114,3 +118,14 @@ def start_metadata(raw_start: dict, analyses, routes, models, config, version) -
             "version": version,
         },
     }
+
+
+def phase_keys(value_names, motors) -> dict:
+    """Keys of the ``phases`` stream: ``<phase>_<parameter>`` and its ``_std`` per value."""
+    units = {"scale": "counts·deg", "size_nm": "nm", "fraction": None}
+    keys = {"point": integer(), "detector": string(), **position_keys(motors)}
+    for name in value_names:
+        unit = next((u for p, u in units.items() if name.endswith(p)), "Å")
+        keys[name] = number(unit)
+        keys[f"{name}_std"] = number(unit)
+    return keys

@@ -60,7 +60,8 @@ def test_a_plain_tiled_client_finds_analysis_runs(RE, beamline, live, tiled_clie
     plain = from_uri(tiled_client.uri, api_key=tiled_client.context.api_key)
     found = plain.search(Key("start.xrdml.raw_uid") == raw_uid)
     assert list(found) == [analysis_uid]
-    assert plain[analysis_uid].metadata["start"]["xrdml"]["routes"] == {"area_image": "bragg-peaks"}
+    routes = plain[analysis_uid].metadata["start"]["xrdml"]["routes"]
+    assert routes == {"area_image": ["bragg-peaks"]}
     assert raw_uid in plain
 
 

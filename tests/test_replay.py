@@ -128,7 +128,7 @@ def test_replay_with_your_own_model_records_its_provenance(archived, tmp_path):
                              env={"TILED_API_KEY": key})
     assert out.exit_code == 0, out.output
     newest = catalog.analyses(client, uid)[0]
-    (used,) = newest.metadata["start"]["xrdml"]["models"]
+    (used,) = [m for m in newest.metadata["start"]["xrdml"]["models"] if m["name"] == "braggnn"]
     assert used["sha256"] == mine["sha256"] != card["sha256"]
     assert used["version"] == "mine"
 

@@ -77,3 +77,46 @@ def test_phantom_line_integral_is_path_length_through_a_phase():
     assert ph.line_integral(0.3, 0.0)[ph.names.index("CeO2")] == pytest.approx(0.44, abs=0.04)
     assert ph.at(0.3, -0.3)[ph.names.index("CeO2")] == pytest.approx(1.0)
     assert ph.at(0.9, 0.9).sum() == 0.0
+
+
+def test_fast_path_matches_every_peak_evaluated(sim):
+    rng = np.random.default_rng(4)
+    scale = rng.uniform(0, 2, (6, 4))
+    a = sim.nominal_a * rng.uniform(0.99, 1.01, (6, 4))
+    size = np.array([[5.0] * 4, [100.0] * 4, *rng.uniform(5, 100, (4, 4))])
+    exact = sim.patterns(scale, a, size)
+    fast = sim.patterns(scale, a, size, fast=True)
+    err = np.abs(fast - exact).max(axis=1) / exact.max(axis=1)
+    assert err.max() < 0.005, err
+    assert fast.sum(axis=1) * sim.step == pytest.approx(scale.sum(axis=1), rel=5e-3)
+
+
+def test_sample_draws_the_stated_ranges_with_poisson_counts(sim):
+    from bluesky_xrdml.simulation.powder import Ranges
+
+    s = sim.sample(400, np.random.default_rng(1), Ranges())
+    assert s.counts.shape == (400, 2048) and s.counts.dtype == np.float32
+    assert np.all(s.counts == np.round(s.counts)) and s.counts.min() >= 0
+    assert s.present.any(axis=1).all() and not s.present.all()
+    assert np.allclose(s.fraction.sum(axis=1), 1.0) and np.all(s.fraction[~s.present] == 0)
+    rel = s.lattice_a / sim.nominal_a - 1
+    assert np.abs(rel).max() <= 0.01 and np.abs(rel).max() > 0.009
+    assert 5.0 <= s.size_nm.min() and s.size_nm.max() <= 100.0
+    assert 1e4 <= s.total.min() and s.total.max() <= 1e6
+    assert 0 <= s.background.min() and s.background.max() <= 0.5
+    # total counts as drawn, within Poisson noise
+    assert s.counts.sum(axis=1) == pytest.approx(s.total, rel=0.05)
+
+
+def test_strained_tetragonal_cell_follows_its_two_lattice_parameters():
+    from pymatgen.core import Lattice, Structure
+
+    from bluesky_xrdml.simulation.powder import peak_list
+
+    rutile = Structure.from_spacegroup("P4_2/mnm", Lattice.tetragonal(4.594, 2.959),
+                                       ["Ti", "O"], [[0, 0, 0], [0.305, 0.305, 0]])
+    pk = peak_list(rutile, WL, 12.0)
+    assert pk.system == "tetragonal" and pk.free == ("a", "c")
+    d = pk.d_spacings(np.array([[4.6, 2.95]]))[0]
+    for (h, k, l_), dk in zip([tuple(x) for x in pk.hkl], d):
+        assert dk == pytest.approx(1 / np.sqrt((h * h + k * k) / 4.6**2 + l_ * l_ / 2.95**2))

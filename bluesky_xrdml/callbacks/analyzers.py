@@ -293,13 +293,20 @@ def _grid_event(values: dict, rows: list, points: list, geometry: Geometry):
 
 
 def default_analyses(rois=None, phases=None, models: dict | None = None) -> list:
-    """Every analysis available: Bragg peaks on frames, ROI intensities on patterns.
+    """Every analysis available: Bragg peaks on frames; ROI intensities and PQ-Net phase
+    quantification on patterns (PQ-Net where the pattern's 2θ grid and wavelength are the
+    model's).
 
     ``models`` maps a model name to your own weights file, e.g.
     ``{"braggnn": "my-braggnn.safetensors"}``; shipped weights otherwise.
     """
+    from .phases import PhaseQuantification
+
     models = dict(models or {})
-    unknown = set(models) - {"braggnn"}
+    unknown = set(models) - {"braggnn", "pqnet-demo"}
     if unknown:
-        raise ValueError(f"no analysis uses model(s) {sorted(unknown)}; known: braggnn")
-    return [BraggPeaks(weights=models.get("braggnn")), RoiIntensities(rois=rois, phases=phases)]
+        raise ValueError(f"no analysis uses model(s) {sorted(unknown)}; "
+                         "known: braggnn, pqnet-demo")
+    return [BraggPeaks(weights=models.get("braggnn")),
+            RoiIntensities(rois=rois, phases=phases),
+            PhaseQuantification(weights=models.get("pqnet-demo"))]

@@ -106,7 +106,9 @@ class RunAnalysis(DocumentRouter):
         routes = []
         taken = {r.analysis.name for rs in self.routes.values() for r in rs}
         for key, data_key in doc.get("data_keys", {}).items():
-            reasons = []
+            # every analysis that can use the key gets it (ROI maps and PQ-Net phase maps
+            # of the same patterns, say); a key nobody can use is reported once, with why
+            reasons, matched = [], False
             for analysis in self.analyses:
                 context = analysis.match(key, data_key, doc)
                 if isinstance(context, dict):
@@ -114,10 +116,10 @@ class RunAnalysis(DocumentRouter):
                                   external="external" in data_key, context=context)
                     taken.add(analysis.name)
                     routes.append(route)
-                    break
-                if isinstance(context, str):
+                    matched = True
+                elif isinstance(context, str):
                     reasons.append(f"{analysis.name}: {context}")
-            else:
+            if not matched:
                 if key not in self.ignored and key not in self.motors:
                     self.ignored[key] = "; ".join(reasons) or "not a 2D frame or a 1D pattern"
         self.routes[doc["uid"]] = routes
@@ -217,8 +219,11 @@ class RunAnalysis(DocumentRouter):
     def _ensure_started(self):
         if self.bundle is not None:
             return
-        routes = {r.key: r.analysis.name for rs in self.routes.values() for r in rs}
-        used = [a for a in self.analyses if a.name in routes.values()]
+        routes: dict[str, list] = {}
+        for rs in self.routes.values():
+            for r in rs:
+                routes.setdefault(r.key, []).append(r.analysis.name)
+        used = [a for a in self.analyses if any(a.name in names for names in routes.values())]
         md = layout.start_metadata(
             self.raw_start,
             analyses=[a.name for a in used],

@@ -20,6 +20,7 @@ def register(name: str, module: str) -> None:
 
 
 register("braggnn", "bluesky_xrdml.models.braggnn")
+register("pqnet-demo", "bluesky_xrdml.models.pqnet")
 
 
 def load_model(name: str, path: str | Path | None = None, device: str = "auto"):

@@ -4,7 +4,7 @@ Plain numpy/scipy/pymatgen code; nothing here knows about Bluesky.
 """
 
 from .phantom import Phantom, demo_phantom
-from .powder import PeakList, PowderSimulator, peak_list, pseudo_voigt
+from .powder import PeakList, PowderSimulator, Ranges, Sample, peak_list, pseudo_voigt
 from .spots import SpotSimulator
 from .structures import DEMO_PHASES, demo_structures
 
@@ -13,6 +13,8 @@ __all__ = [
     "PeakList",
     "Phantom",
     "PowderSimulator",
+    "Ranges",
+    "Sample",
     "SpotSimulator",
     "demo_phantom",
     "demo_structures",

@@ -112,3 +112,8 @@ def braggnn(
     console.print(f"wrote {out} (sha256 {card['sha256'][:12]}…), {out.with_suffix('.json')}, "
                   f"{out.with_suffix('.png')}")
     console.print(f"use it: load_model({str(out)!r}) or BraggPeaks(weights={str(out)!r})")
+
+
+from .pqnet import train_pqnet_command  # noqa: E402
+
+train_app.command("pqnet")(train_pqnet_command)

@@ -1,0 +1,298 @@
+"""PQ-Net: per-pattern phase quantification of powder patterns (Dong et al., npj Comput.
+Mater. 7, 74, 2021), as a deep ensemble.
+
+One member (``PQNet``), for any number of phases:
+
+- input: one pattern of counts on the model's 2θ grid, divided by its mean count (so the
+  network never sees the absolute counts), plus log10 of the total counts as a scalar
+  that the parameter blocks see (it sets the noise level);
+- *pattern block*, shared: a strided convolution (stride 4, a learned filter bank that
+  keeps sub-channel peak positions in its channel ratios), then convolution + ReLU +
+  max-pooling stages;
+- one *phase block* per phase: convolutions + max-pooling on the shared features;
+- one *parameter block* per phase (fully connected): for the phase's share of the
+  integrated counts, each free lattice parameter of its crystal system and log size,
+  a mean and a log-variance (trained with a Gaussian likelihood on normalised targets).
+
+``PQNetEnsemble`` holds ``members`` independently initialised networks. The predictor
+(``PQNetPredictor``, what ``load_model("pqnet-demo")`` returns) combines them: mean of the
+members' means, variance = mean of their variances + variance of their means (a deep
+ensemble), times a per-parameter factor calibrated on held-out simulated patterns
+(``std_scale`` in the card). No Bluesky in here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import weights as weights_io
+
+NAME = "pqnet"
+SHIPPED = weights_io.WEIGHTS_DIR / "pqnet-demo.safetensors"
+LOG2 = float(np.log(2.0))
+
+DEFAULT_ARCH = {
+    "stem": [12, 8, 4],  # channels, kernel, stride of the first (strided) convolution
+    "pattern_block": [[16, 5], [24, 3]],  # (channels, kernel) per stage, each + max-pool 2
+    "phase_block": [[12, 3]],  # per phase, each + max-pool 2
+    "hidden": 64,  # parameter block width
+}
+
+
+class PQNet(nn.Module):
+    """One member. ``forward(x, logc)``: x (N, 1, M) normalised pattern, logc (N, 1)
+    → (N, n_phases, n_out, 2) normalised means and log-variances."""
+
+    def __init__(self, n_points: int, n_phases: int, n_out: int, arch: dict | None = None):
+        super().__init__()
+        arch = {**DEFAULT_ARCH, **(arch or {})}
+        self.n_phases, self.n_out = n_phases, n_out
+        c0, k0, s0 = arch["stem"]
+        # max-pooling before ReLU (they commute): the activation runs on half the data
+        layers = [nn.Conv1d(1, c0, k0, stride=s0, padding=(k0 - s0) // 2), nn.ReLU(True)]
+        length, cin = n_points // s0, c0
+        for c, k in arch["pattern_block"]:
+            layers += [nn.Conv1d(cin, c, k, padding=k // 2), nn.MaxPool1d(2), nn.ReLU(True)]
+            length, cin = length // 2, c
+        self.pattern_block = nn.Sequential(*layers)
+        self.phase_blocks = nn.ModuleList()
+        self.parameter_blocks = nn.ModuleList()
+        for _ in range(n_phases):
+            layers, c_in, n = [], cin, length
+            for c, k in arch["phase_block"]:
+                layers += [nn.Conv1d(c_in, c, k, padding=k // 2), nn.MaxPool1d(2), nn.ReLU(True)]
+                n, c_in = n // 2, c
+            self.phase_blocks.append(nn.Sequential(*layers, nn.Flatten()))
+            self.parameter_blocks.append(nn.Sequential(
+                nn.Linear(c_in * n + 1, arch["hidden"]), nn.ReLU(True),
+                nn.Linear(arch["hidden"], arch["hidden"]), nn.ReLU(True),
+                nn.Linear(arch["hidden"], 2 * n_out)))
+
+    def forward(self, x, logc):
+        shared = self.pattern_block(x)
+        out = []
+        for phase, params in zip(self.phase_blocks, self.parameter_blocks):
+            h = torch.cat([phase(shared), logc], dim=1)
+            out.append(params(h).view(-1, self.n_out, 2))
+        return torch.stack(out, dim=1)
+
+
+class PQNetEnsemble(nn.Module):
+    """``members`` independently initialised PQNets; ``forward`` → (members, N, P, n_out, 2)."""
+
+    def __init__(self, n_points: int, n_phases: int, n_out: int, members: int = 5,
+                 arch: dict | None = None, seed: int = 0):
+        super().__init__()
+        nets = []
+        for i in range(members):
+            torch.manual_seed(seed * 1000 + i)
+            nets.append(PQNet(n_points, n_phases, n_out, arch))
+        self.members = nn.ModuleList(nets)
+
+    def forward(self, x, logc):
+        return torch.stack([m(x, logc) for m in self.members])
+
+
+def n_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def prepare(counts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts (N, M) → network inputs: pattern / its mean (N, 1, M), log10 total (N, 1)."""
+    y = torch.as_tensor(np.ascontiguousarray(counts, dtype=np.float32))
+    total = y.sum(dim=1, keepdim=True).clamp_min(1.0)
+    x = y / (total / y.shape[1])
+    return x.unsqueeze(1), torch.log10(total)
+
+
+class PatternError(ValueError):
+    """Patterns the model cannot analyse (wrong length, NaN or negative counts)."""
+
+
+def check_counts(patterns, n_points: int) -> np.ndarray:
+    arr = np.asarray(patterns, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[1] != n_points:
+        raise PatternError(f"expected patterns of {n_points} points (the model's 2θ grid), "
+                           f"got shape {arr.shape}; resample onto model.two_theta first")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        rows = np.unique(np.nonzero(bad)[0])
+        raise PatternError(f"{int(bad.sum())} NaN/inf values in pattern(s) {rows[:10].tolist()}")
+    if (arr < 0).any():
+        rows = np.unique(np.nonzero(arr < 0)[0])
+        raise PatternError(f"{int((arr < 0).sum())} negative counts in pattern(s) "
+                           f"{rows[:10].tolist()}; pass raw counts (background not subtracted)")
+    return arr
+
+
+class Targets:
+    """Normalisation of the per-phase outputs: share of counts, free lattice parameters,
+    log size → zero-centred, unit-range network targets, and back."""
+
+    def __init__(self, nominal: list[list[float]], lattice_rel: float, size_nm):
+        self.n_free = [len(v) for v in nominal]
+        self.max_free = max(self.n_free)
+        self.nominal = np.zeros((len(nominal), self.max_free))
+        for j, v in enumerate(nominal):
+            self.nominal[j, :len(v)] = v
+        self.lattice_rel = float(lattice_rel)
+        self.log_size = (float(np.log(size_nm[0])), float(np.log(size_nm[1])))
+
+    @property
+    def n_out(self) -> int:
+        return 2 + self.max_free  # share, lattice..., log size
+
+    def encode(self, share, lattice, size_nm) -> np.ndarray:
+        """share (N, P), lattice (N, P, max_free), size (N, P) → (N, P, n_out)."""
+        lo, hi = self.log_size
+        lat = (np.asarray(lattice) / np.where(self.nominal > 0, self.nominal, 1.0) - 1.0)
+        lat = lat / self.lattice_rel
+        s = (np.log(np.asarray(size_nm)) - lo) / (hi - lo) * 2 - 1
+        return np.concatenate([np.asarray(share)[..., None] * 4 - 2, lat, s[..., None]], -1)
+
+    def decode(self, mean, var):
+        """Normalised means and variances (..., P, n_out) → physical means and variances:
+        dict share, lattice (..., P, max_free), size_nm; variance by the delta method."""
+        lo, hi = self.log_size
+        k = self.lattice_rel * self.nominal
+        share = (mean[..., 0] + 2) / 4
+        lattice = self.nominal * (1 + self.lattice_rel * mean[..., 1:-1])
+        log_size = (mean[..., -1] + 1) / 2 * (hi - lo) + lo
+        size = np.exp(log_size)
+        return ({"share": share, "lattice": lattice, "size_nm": size},
+                {"share": var[..., 0] / 16, "lattice": var[..., 1:-1] * k**2,
+                 "size_nm": var[..., -1] * ((hi - lo) / 2 * size) ** 2})
+
+
+class PQNetPredictor:
+    """What ``load_model("pqnet-demo")`` returns.
+
+    ``predict(patterns)``: counts (N, M) on ``two_theta`` → ``xarray.Dataset`` with
+    ``scale`` (integrated counts × degrees, as the simulator's ``scale``), ``fraction``
+    (scale / Σ scale), ``size_nm``, ``lattice_a`` (+ ``lattice_b``/``lattice_c`` where a
+    phase has them; NaN for phases without) and ``<name>_std`` of each, dims
+    ``("pattern", "phase")``.
+    """
+
+    def __init__(self, ensemble: PQNetEnsemble, card: dict, device: str = "cpu",
+                 batch_size: int = 1024):
+        self.card = dict(card)
+        self.device = torch.device(device)
+        self.ensemble = ensemble.to(self.device).eval()
+        self.batch_size = batch_size
+        self.phases: list[str] = list(card["phases"])
+        self.free: dict[str, list[str]] = {k: list(v) for k, v in card["free"].items()}
+        self.two_theta = np.asarray(np.linspace(*card["two_theta"]), float)
+        self.wavelength = float(card["wavelength"])
+        ranges = card["ranges"]
+        self.targets = Targets([card["nominal"][p] for p in self.phases],
+                               ranges["lattice_rel"], ranges["size_nm"])
+        self.std_scale = {k: float(v) for k, v in card.get("std_scale", {}).items()}
+
+    @property
+    def name(self) -> str:
+        return self.card.get("name", NAME)
+
+    def provenance(self) -> dict:
+        return weights_io.provenance(self.card)
+
+    @property
+    def lattice_names(self) -> list[str]:
+        names = []
+        for p in self.phases:
+            for f in self.free[p]:
+                if f"lattice_{f}" not in names:
+                    names.append(f"lattice_{f}")
+        return names
+
+    @property
+    def parameters(self) -> list[str]:
+        """Result variables (without ``_std``) in the order ``predict`` returns them."""
+        return ["scale", "fraction", "size_nm", *self.lattice_names]
+
+    def members_output(self, patterns) -> np.ndarray:
+        """Raw (members, N, P, n_out, 2) normalised means/log-variances, float64."""
+        y = check_counts(patterns, self.two_theta.size)
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(y), self.batch_size):
+                x, logc = prepare(y[start:start + self.batch_size])
+                out.append(self.ensemble(x.to(self.device), logc.to(self.device)).float().cpu())
+        if not out:
+            m = len(self.ensemble.members)
+            return np.zeros((m, 0, len(self.phases), self.targets.n_out, 2))
+        return torch.cat(out, dim=1).double().numpy()
+
+    def predict(self, patterns):
+        """Counts (N, M) (or one pattern (M,)) → ``xarray.Dataset`` (see the class doc)."""
+        import xarray as xr
+
+        y = check_counts(patterns, self.two_theta.size)
+        raw = self.members_output(y)
+        total = y.sum(axis=1) * (self.two_theta[1] - self.two_theta[0])  # counts × degrees
+        mean, var = raw[..., 0], np.exp(np.clip(raw[..., 1], -20, 10))
+        phys, pvar = self.targets.decode(mean, var)  # each (members, N, P[, F])
+        share = np.clip(phys["share"], 0.0, None)
+        scale_m = share * total[None, :, None]
+        frac_m = share / np.clip(share.sum(axis=-1, keepdims=True), 1e-12, None)
+
+        def combine(values, variances, key):
+            mu = values.mean(axis=0)
+            v = variances.mean(axis=0) + (values.var(axis=0, ddof=1) if len(values) > 1 else 0)
+            return mu, np.sqrt(v) * self.std_scale.get(key, 1.0)
+
+        out = {}
+        out["scale"] = combine(scale_m, pvar["share"] * total[None, :, None] ** 2, "scale")
+        # fraction: members' fractions; its variance propagated from the share variances
+        share_sum = np.clip(share.sum(axis=-1, keepdims=True), 1e-12, None)
+        frac_var = np.minimum(pvar["share"] * ((1 - frac_m) / share_sum) ** 2, 0.25)
+        out["fraction"] = combine(frac_m, frac_var, "fraction")
+        out["size_nm"] = combine(phys["size_nm"], pvar["size_nm"], "size_nm")
+        for name in self.lattice_names:
+            axis = name.split("_")[1]
+            mu = np.full(scale_m.shape[1:], np.nan)
+            sd = np.full_like(mu, np.nan)
+            for j, p in enumerate(self.phases):
+                if axis in self.free[p]:
+                    i = self.free[p].index(axis)
+                    m_, s_ = combine(phys["lattice"][..., j, i], pvar["lattice"][..., j, i], name)
+                    mu[:, j], sd[:, j] = m_, s_
+            out[name] = (mu, sd)
+        data = {}
+        for key, (mu, sd) in out.items():
+            data[key] = (("pattern", "phase"), mu)
+            data[f"{key}_std"] = (("pattern", "phase"), sd)
+        ds = xr.Dataset(data, coords={"phase": self.phases, "pattern": np.arange(len(y))})
+        units = {"scale": "counts·deg", "fraction": "", "size_nm": "nm"}
+        for key in out:
+            ds[key].attrs["units"] = units.get(key, "Å")
+        ds.attrs.update(model=self.name, sha256=self.card.get("sha256", ""))
+        return ds
+
+
+def card_arch(card: dict) -> dict:
+    return {k: card["architecture"][k] for k in DEFAULT_ARCH if k in card.get("architecture", {})}
+
+
+def from_tensors(state: dict, card: dict) -> PQNetEnsemble:
+    members = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("members."))
+    n_points = int(card["two_theta"][2])
+    n_out = 2 + max(len(v) for v in card["free"].values())
+    ensemble = PQNetEnsemble(n_points, len(card["phases"]), n_out, members, card_arch(card))
+    ensemble.load_state_dict(state)
+    return ensemble
+
+
+def load(path: str | Path | None = None, device: str = "cpu") -> PQNetPredictor:
+    """The shipped ``pqnet-demo`` ensemble (``path=None``) or your own ``.safetensors``
+    (card beside it)."""
+    state, card = weights_io.load(path or SHIPPED)
+    if card.get("model", NAME) != NAME:
+        raise ValueError(f"{path} holds a {card.get('model')!r} model, not {NAME!r}")
+    return PQNetPredictor(from_tensors(state, card), card, device=device)
