@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+PQNET_PARAMS = ("scale", "fraction")
+
 
 def plot_maps(ds, path, title: str = "", skip_std: bool = True):
     """One panel per map variable (uncertainties left out unless ``skip_std=False``)."""
@@ -57,6 +59,21 @@ def plot_peaks(frame, table, path, title: str = "", truth=None):
     return path
 
 
+def _mask_absent(ds, names):
+    """For the eye only: sizes where a phase is < 10 % are meaningless, and fractions where
+    almost nothing diffracts are noise. The catalog keeps every value."""
+    scales = [v for v in ds.data_vars if v.endswith("_scale")]
+    total = sum(ds[v] for v in scales) if scales else None
+    out = ds[names].copy()
+    for v in names:
+        if total is not None:
+            out[v] = out[v].where(total > 0.05 * float(total.max()))
+        phase = v.rsplit("_size_nm", 1)[0]
+        if v.endswith("_size_nm") and f"{phase}_fraction" in ds:
+            out[v] = out[v].where(ds[f"{phase}_fraction"] >= 0.1)
+    return out
+
+
 def save_figures(client, analysis_run, out_dir) -> list:
     """PNGs of an analysis run read back from the catalog: its maps, and the first
     analysed frame of the raw run with the peaks found on it. Returns the paths."""
@@ -71,9 +88,20 @@ def save_figures(client, analysis_run, out_dir) -> list:
     paths = []
     if "maps" in analysis_run:
         ds = catalog.maps(analysis_run)
-        two_d = ds[[v for v in ds.data_vars if ds[v].ndim == 2]]
-        paths.append(plot_maps(two_d, out_dir / f"maps_{tag}.png",
-                               title=f"maps of raw run {raw_uid[:8]} (analysis {tag})"))
+        two_d = [v for v in ds.data_vars if ds[v].ndim == 2 and not v.endswith("_std")]
+        pqnet = [v for v in two_d if v.rsplit("_", 1)[-1] in PQNET_PARAMS or "_lattice_" in v
+                 or v.endswith("_size_nm")]
+        classical = [v for v in two_d if v not in pqnet]
+        if classical:
+            paths.append(plot_maps(ds[classical], out_dir / f"maps_{tag}.png",
+                                   title=f"maps of raw run {raw_uid[:8]} (analysis {tag})"))
+        shown = [v for v in pqnet if v.endswith(("_fraction", "_size_nm"))]
+        if shown:
+            shown.sort(key=lambda v: not v.endswith("_fraction"))  # fractions first row
+            paths.append(plot_maps(_mask_absent(ds, shown), out_dir / f"phases_{tag}.png",
+                                   title=f"PQ-Net, raw run {raw_uid[:8]}: phase fractions (blank: "
+                                         "almost nothing diffracts) and crystallite sizes "
+                                         "(blank: fraction < 0.1)"))
     table = catalog.peaks(analysis_run)
     if len(table) and raw_uid in client:
         first = int(table["frame"].min())

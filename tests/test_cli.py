@@ -11,7 +11,7 @@ def test_demo_files_raw_and_analysis_runs_and_saves_figures(tmp_path):
     assert result.exit_code == 0, result.output
     assert "success" in result.output
     pngs = sorted(p.name for p in (directory / "figures").glob("*.png"))
-    assert [p.split("_")[0] for p in pngs] == ["maps", "peaks"]
+    assert [p.split("_")[0] for p in pngs] == ["maps", "peaks", "phases"]
     # the catalog persists: reopen it and find both raw runs with their analysis runs
     with catalog.embedded(directory) as (_, client):
         raw = [u for u in client if "xrdml" not in client[u].metadata["start"]]

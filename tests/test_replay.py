@@ -110,7 +110,7 @@ def test_cli_replay_and_results(archived, tmp_path, monkeypatch):
     for run in runs:
         assert run.metadata["start"]["uid"] in out.output
     kinds = sorted(p.name.split("_")[0] for p in tmp_path.glob("*.png"))
-    assert kinds == ["maps"] * len(runs) + ["peaks"] * len(runs)
+    assert kinds == ["maps"] * len(runs) + ["peaks"] * len(runs) + ["phases"] * len(runs)
     assert key not in out.output
 
 
