@@ -150,7 +150,14 @@ def default_spool() -> Path:
     return Path(os.environ.get("XRDML_SPOOL", "xrdml-spool"))
 
 
-def analysis_writer(client, batch_size: int = LIVE_BATCH, spool: str | os.PathLike | None = None):
+# Rows per request for analysis runs: a frame gives ~30 peak rows, and at 10 rows per
+# request the peak table cost three appends per frame, slower than the analysis itself
+# (benchmarks/replay.py: 1000 frames filed after 224 s for a 76 s scan).
+ANALYSIS_BATCH = 50
+
+
+def analysis_writer(client, batch_size: int = ANALYSIS_BATCH,
+                    spool: str | os.PathLike | None = None):
     """A ``TiledWriter`` for analysis runs, with a spool so that nothing is lost.
 
     If writing a run fails (catalog unreachable, key revoked), TiledWriter abandons that

@@ -10,7 +10,8 @@ import typer
 from event_model import compose_run
 from typer.testing import CliRunner
 
-from bluesky_xrdml.callbacks.phases import PhaseQuantification, reconstruct_channels
+from bluesky_xrdml.analysis.tomography import reconstruct_channels
+from bluesky_xrdml.callbacks.phases import PhaseQuantification
 from bluesky_xrdml.callbacks.xrdml import XRDMLCallback
 from bluesky_xrdml.models import pqnet
 from bluesky_xrdml.plans import xrd_map, xrdct

@@ -27,38 +27,12 @@ import numpy as np
 
 from .. import layout
 from ..analysis import maps as gridmaps
-from ..analysis.tomography import reconstruct
+from ..analysis.tomography import reconstruct_channels
 from .analyzers import Geometry, Item, Route, _array_shape, _config_value, _grid_event
 
 logger = logging.getLogger(__name__)
 
 PHASES = "phases"  # the per-pattern stream
-
-
-def randomized_svd(mat: np.ndarray, rank: int, n_iter: int = 2, seed: int = 0):
-    """Leading ``rank`` singular triplets of ``mat`` (Halko et al.): U (m, r), s (r,), Vt."""
-    rng = np.random.default_rng(seed)
-    m, n = mat.shape
-    k = min(rank + 10, m, n)
-    q, _ = np.linalg.qr(mat @ rng.standard_normal((n, k)))
-    for _ in range(n_iter):
-        q, _ = np.linalg.qr(mat.T @ q)
-        q, _ = np.linalg.qr(mat @ q)
-    u_small, s, vt = np.linalg.svd(q.T @ mat, full_matrices=False)
-    r = min(rank, len(s))
-    return (q @ u_small)[:, :r], s[:r], vt[:r]
-
-
-def reconstruct_channels(sinograms: np.ndarray, angles_deg, rank: int | None = 64) -> np.ndarray:
-    """FBP of every channel: sinograms (n_angles, n_translations, C) → images (n, n, C)."""
-    sino = np.asarray(sinograms, dtype=np.float64)
-    n_a, n_t, c = sino.shape
-    if rank is None or rank >= min(n_a * n_t, c):
-        return np.stack([reconstruct(sino[:, :, k], angles_deg) for k in range(c)], axis=-1)
-    u, s, vt = randomized_svd(sino.reshape(n_a * n_t, c), rank)
-    comps = np.stack([reconstruct((u[:, i] * s[i]).reshape(n_a, n_t), angles_deg)
-                      for i in range(len(s))], axis=-1)  # (n, n, r)
-    return comps @ vt
 
 
 class PhaseQuantification:

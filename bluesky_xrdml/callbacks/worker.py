@@ -95,7 +95,10 @@ class Worker:
             self.queue.put(item)
             waited = time.perf_counter() - t0
             self.stats.stall_seconds += waited
-            logger.warning("analysis queue full: the scan waited %.3f s for the analysis", waited)
+            if self.stats.stalls == 1 or self.stats.stalls % 100 == 0:  # not once per event
+                logger.warning("analysis queue full: the scan waited %.3f s for the analysis "
+                               "(%d stalls, %.1f s in all so far)", waited, self.stats.stalls,
+                               self.stats.stall_seconds)
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted so far is processed; False on timeout."""
