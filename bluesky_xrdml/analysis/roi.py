@@ -33,14 +33,16 @@ def check_patterns(patterns, n_points: int) -> np.ndarray:
     if arr.ndim == 1:
         arr = arr[None]
     if arr.ndim != 2 or arr.shape[1] != n_points:
-        raise PatternError(
-            f"expected patterns of {n_points} points (the 2θ axis), got shape {arr.shape}"
-        )
+        raise PatternError(f"expected patterns of {n_points} points (the 2θ grid), got shape "
+                           f"{arr.shape}; resample onto that grid first")
     bad = ~np.isfinite(arr)
     if bad.any():
-        raise PatternError(f"{int(bad.sum())} NaN/inf values in the pattern(s)")
+        rows = np.unique(np.nonzero(bad)[0])
+        raise PatternError(f"{int(bad.sum())} NaN/inf values in pattern(s) {rows[:10].tolist()}")
     if (arr < 0).any():
-        raise PatternError(f"{int((arr < 0).sum())} negative counts in the pattern(s)")
+        rows = np.unique(np.nonzero(arr < 0)[0])
+        raise PatternError(f"{int((arr < 0).sum())} negative counts in pattern(s) "
+                           f"{rows[:10].tolist()}; pass raw counts (background not subtracted)")
     return arr
 
 

@@ -254,12 +254,8 @@ class RoiIntensities:
         rows = route.acc.get("rows", [])
         if geometry.kind == "points" or not rows:
             return {}
-        points = [r["point"] for r in rows]
         names = [r.name for r in route.context["rois"]]
-        grids = {}
-        for name in names:
-            for n in (name, f"{name}_std"):
-                grids[n] = gridmaps.assemble(points, [r[n] for r in rows], geometry.shape)
+        points, grids = _assemble(rows, names, geometry)
         if geometry.kind == "map":
             return {route.stream(layout.MAPS): _grid_event(grids, rows, points, geometry)}
         # XRD-CT: (rotation, translation) sinograms -> FBP per ROI
@@ -270,14 +266,29 @@ class RoiIntensities:
         for name in names:
             s = np.nan_to_num(grids[name], nan=0.0)
             images[name] = reconstruct(s, angles) / max(abs(t[1] - t[0]), 1e-12)
-        n = images[names[0]].shape[0]
-        c = (np.arange(n) - n // 2) * (t[1] - t[0]) if len(t) > 1 else np.zeros(n)
-        keys = {name: layout.array(images[name].shape, ("row", "col")) for name in names}
-        keys["row"] = layout.array((n,), ("row",), units="mm")
-        keys["col"] = layout.array((n,), ("col",), units="mm")
-        data = {**images, "row": c, "col": c}
-        return {route.stream(layout.MAPS): (keys, data),
+        step = t[1] - t[0] if len(t) > 1 else 0.0
+        return {route.stream(layout.MAPS): _voxel_event(images, step),
                 route.stream(layout.SINOGRAMS): sino}
+
+
+def _assemble(rows: list, names, geometry: Geometry):
+    """``(points, grids)``: each value ``name`` and its ``name_std`` of the per-item rows
+    placed on the scan grid."""
+    points = [r["point"] for r in rows]
+    grids = {n: gridmaps.assemble(points, [r[n] for r in rows], geometry.shape)
+             for name in names for n in (name, f"{name}_std")}
+    return points, grids
+
+
+def _voxel_event(images: dict, step: float):
+    """(data keys, data) of one XRD-CT map event: (row, col) images plus voxel coordinates
+    in mm, centred on the rotation axis, ``step`` apart (the translation step)."""
+    n = next(iter(images.values())).shape[0]
+    coord = (np.arange(n) - n // 2) * step
+    keys = {k: layout.array(v.shape, ("row", "col")) for k, v in images.items()}
+    keys["row"] = layout.array((n,), ("row",), units="mm")
+    keys["col"] = layout.array((n,), ("col",), units="mm")
+    return keys, {**images, "row": coord, "col": coord}
 
 
 def _grid_event(values: dict, rows: list, points: list, geometry: Geometry):

@@ -27,8 +27,18 @@ import numpy as np
 
 from .. import layout
 from ..analysis import maps as gridmaps
+from ..analysis.roi import PatternError, check_patterns
 from ..analysis.tomography import reconstruct_channels
-from .analyzers import Geometry, Item, Route, _array_shape, _config_value, _grid_event
+from .analyzers import (
+    Geometry,
+    Item,
+    Route,
+    _array_shape,
+    _assemble,
+    _config_value,
+    _grid_event,
+    _voxel_event,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -139,13 +149,11 @@ class PhaseQuantification:
         return rows
 
     def analyze(self, route: Route, items: list[Item]):
-        from ..models.pqnet import PatternError, check_counts
-
         n = self.model.two_theta.size
         good, errors = [], []
         for item in items:  # check each so one bad pattern does not sink the batch
             try:
-                good.append((item, check_counts(item.value, n)[0]))
+                good.append((item, check_patterns(item.value, n)[0]))
             except PatternError as err:
                 errors.append((item.point, str(err)))
         # kept for XRD-CT, where they are reconstructed at the stop (the analysis learns the
@@ -170,11 +178,7 @@ class PhaseQuantification:
         rows = route.acc.get("rows", [])
         if geometry.kind == "points" or not rows:
             return {}
-        points = [r["point"] for r in rows]
-        grids = {}
-        for name in self.value_names():
-            for n in (name, f"{name}_std"):
-                grids[n] = gridmaps.assemble(points, [r[n] for r in rows], geometry.shape)
+        points, grids = _assemble(rows, self.value_names(), geometry)
         return {route.stream(layout.MAPS): _grid_event(grids, rows, points, geometry)}
 
     def quantify_sinogram(self, sinograms: np.ndarray, angles, step: float):
@@ -223,10 +227,6 @@ class PhaseQuantification:
         angles = gridmaps.axis_coordinate(points, pos[rot], geometry.shape, 0)
         t = gridmaps.axis_coordinate(points, pos[trans], geometry.shape, 1)
         step = t[1] - t[0] if len(t) > 1 else 1.0
-        images, n = self.quantify_sinogram(sino.reshape(n_a, n_t, c), angles, step)
-        coord = (np.arange(n) - n // 2) * step if len(t) > 1 else np.zeros(n)
-        keys = {k: layout.array(v.shape, ("row", "col")) for k, v in images.items()}
-        keys["row"] = layout.array((n,), ("row",), units="mm")
-        keys["col"] = layout.array((n,), ("col",), units="mm")
-        return {route.stream(layout.MAPS): (keys, {**images, "row": coord, "col": coord})}
+        images, _ = self.quantify_sinogram(sino.reshape(n_a, n_t, c), angles, step)
+        return {route.stream(layout.MAPS): _voxel_event(images, step if len(t) > 1 else 0.0)}
 

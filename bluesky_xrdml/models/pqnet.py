@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..analysis.roi import PatternError, check_patterns  # noqa: F401 (PatternError: public)
 from . import weights as weights_io
 
 NAME = "pqnet"
@@ -107,28 +108,6 @@ def prepare(counts) -> tuple[torch.Tensor, torch.Tensor]:
     total = y.sum(dim=1, keepdim=True).clamp_min(1.0)
     x = y / (total / y.shape[1])
     return x.unsqueeze(1), torch.log10(total)
-
-
-class PatternError(ValueError):
-    """Patterns the model cannot analyse (wrong length, NaN or negative counts)."""
-
-
-def check_counts(patterns, n_points: int) -> np.ndarray:
-    arr = np.asarray(patterns, dtype=np.float64)
-    if arr.ndim == 1:
-        arr = arr[None]
-    if arr.ndim != 2 or arr.shape[1] != n_points:
-        raise PatternError(f"expected patterns of {n_points} points (the model's 2θ grid), "
-                           f"got shape {arr.shape}; resample onto model.two_theta first")
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        rows = np.unique(np.nonzero(bad)[0])
-        raise PatternError(f"{int(bad.sum())} NaN/inf values in pattern(s) {rows[:10].tolist()}")
-    if (arr < 0).any():
-        rows = np.unique(np.nonzero(arr < 0)[0])
-        raise PatternError(f"{int((arr < 0).sum())} negative counts in pattern(s) "
-                           f"{rows[:10].tolist()}; pass raw counts (background not subtracted)")
-    return arr
 
 
 class Targets:
@@ -218,7 +197,7 @@ class PQNetPredictor:
 
     def members_output(self, patterns) -> np.ndarray:
         """Raw (members, N, P, n_out, 2) normalised means/log-variances, float64."""
-        y = check_counts(patterns, self.two_theta.size)
+        y = check_patterns(patterns, self.two_theta.size)
         out = []
         with torch.inference_mode():
             for start in range(0, len(y), self.batch_size):
@@ -233,7 +212,7 @@ class PQNetPredictor:
         """Counts (N, M) (or one pattern (M,)) → ``xarray.Dataset`` (see the class doc)."""
         import xarray as xr
 
-        y = check_counts(patterns, self.two_theta.size)
+        y = check_patterns(patterns, self.two_theta.size)
         raw = self.members_output(y)
         total = y.sum(axis=1) * (self.two_theta[1] - self.two_theta[0])  # counts × degrees
         mean, var = raw[..., 0], np.exp(np.clip(raw[..., 1], -20, 10))
