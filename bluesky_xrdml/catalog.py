@@ -12,9 +12,7 @@ DataFrame (``peaks``). With plain tiled queries::
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -33,26 +31,153 @@ class CatalogError(RuntimeError):
 
 @contextlib.contextmanager
 def embedded(directory: str | os.PathLike = "xrdml-data", api_key: str | None = None,
-             port: int = 0):
-    """Start an embedded Tiled server on 127.0.0.1 over ``directory`` (kept between runs:
-    SQLite catalog + files). Yields ``(server, client)``; the server stops on exit."""
+             port: int = 0, readable_storage=()):
+    """Start a Tiled server over ``directory`` (kept between runs) on 127.0.0.1, in its own
+    process. Yields ``(server, client)``; the server stops on exit.
+
+    It is ``tiled serve catalog`` with everything in ``directory``: the SQLite catalog
+    (``catalog.db``), array files (``data/``) and tables in SQLite (``tables.sqlite``).
+    Tables are not in DuckDB (what tiled's ``SimpleTiledServer`` uses): DuckDB failed on
+    concurrent appends from independent writers (a plain TiledWriter beside ours) and
+    then aborted the whole Python process. In its own process nothing the server does can
+    take the user's session down, and any number of writers may share it.
+    ``readable_storage``: folders of files that runs reference (detector HDF5/TIFF).
+    """
     from tiled.client import from_uri
-    from tiled.server import SimpleTiledServer
 
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    # tiled keeps the single-user key process-wide: a second embedded server with another
-    # key locks clients of the first out (401). All ours share one random key per process.
-    api_key = api_key or _process_key()
-    # always as a context manager: an exception before close() would hang the process
-    with SimpleTiledServer(directory=directory, api_key=api_key, port=port) as server:
+    server = EmbeddedServer(directory, api_key=api_key, port=port,
+                            readable_storage=readable_storage)
+    try:
+        server.start()
         yield server, from_uri(server.uri)
+    finally:
+        server.stop()
 
 
-@functools.cache
-def _process_key() -> str:
-    import secrets
+class EmbeddedServer:
+    """``tiled serve catalog`` over one directory, as a child process on 127.0.0.1.
 
-    return secrets.token_hex(8)
+    ``uri`` carries the API key (``...?api_key=KEY``) as tiled's own ``SimpleTiledServer``
+    does; ``api_key`` is a random one unless given. ``log`` is the server's output.
+    """
+
+    def __init__(self, directory, api_key: str | None = None, port: int = 0,
+                 readable_storage=()):
+        import secrets
+
+        self.directory = Path(directory).resolve()
+        self.api_key = api_key or secrets.token_hex(16)
+        self.port = port or _free_port()
+        self.readable_storage = [Path(p).resolve() for p in readable_storage]
+        self.log = self.directory / "server.log"
+        self.process = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def uri(self) -> str:
+        from urllib.parse import quote_plus
+
+        return f"{self.base}/api/v1?api_key={quote_plus(self.api_key)}"
+
+    def config(self) -> dict:
+        """The server's tiled configuration (written to ``tiled-config.yml``)."""
+        d = self.directory
+        writable = [str(d / "data"), f"sqlite:///{d / 'tables.sqlite'}"]
+        if (d / "storage.duckdb").exists():  # tables of a catalog made by an older version
+            writable.append(f"duckdb:///{d / 'storage.duckdb'}")
+        args = {
+            "uri": f"sqlite:///{d / 'catalog.db'}",
+            "writable_storage": writable,
+            "readable_storage": [str(p) for p in self.readable_storage],
+            "init_if_not_exists": True,
+        }
+        return {"trees": [{"path": "/", "tree": "catalog", "args": args}]}
+
+    def command(self) -> list[str]:
+        import sys
+
+        import yaml
+
+        path = self.directory / "tiled-config.yml"
+        path.write_text(yaml.safe_dump(self.config()))
+        return [sys.executable, "-m", "bluesky_xrdml.tiled_server", "serve", "config",
+                str(path), "--api-key", self.api_key,
+                "--host", "127.0.0.1", "--port", str(self.port)]
+
+    def start(self, timeout: float = 60.0) -> None:
+        import subprocess
+        import time
+
+        import httpx
+
+        (self.directory / "data").mkdir(parents=True, exist_ok=True)
+        _write_ahead_log(self.directory / "tables.sqlite")
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL,
+                                            preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{self.base}/healthz", timeout=1,
+                             trust_env=False).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = self.log.read_text(errors="replace")[-2000:]
+                raise CatalogError(f"the embedded Tiled server over {self.directory} did not "
+                                   f"start; its log ({self.log}) ends with:\n{tail}")
+            time.sleep(0.2)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        import subprocess
+
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __repr__(self):
+        return f"<EmbeddedServer {self.base} over {self.directory}>"
+
+
+def _write_ahead_log(path: Path) -> None:
+    """Put the SQLite table store in write-ahead-log mode (kept in the file): readers
+    then never block the one writer, where SQLite's default journal answers a write
+    during a read with "database is locked"."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: end the server when the process that started it dies
+    (Linux), so a crashed session leaves no server behind."""
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def connect(uri: str, api_key: str | None = None):
@@ -86,24 +211,6 @@ def connect(uri: str, api_key: str | None = None):
         ) from None
 
 
-# One lock per catalog server: our writers (raw and analysis runs, on different threads)
-# take turns. The embedded server's DuckDB table storage lost rows, and once aborted the
-# process, when two threads of one process created and appended tables at the same time.
-_LOCKS: dict[str, threading.Lock] = {}
-
-
-def serialized(client, writer):
-    """``writer`` behind the lock of ``client``'s server: one write at a time."""
-    lock = _LOCKS.setdefault(urlsplit(client.uri).netloc, threading.Lock())
-
-    def write(name, doc):
-        with lock:
-            writer(name, doc)
-
-    write.writer = writer
-    return write
-
-
 # Events written per request. 1 makes every event visible at once but costs ~80 ms per
 # 2048-point raw pattern and ~45 ms per result row on this 2-core machine (TiledWriter
 # appends row by row); 10 keeps results visible within seconds at a tenth of the cost.
@@ -126,8 +233,7 @@ def raw_writer(client, batch_size: int = LIVE_BATCH, spool: str | os.PathLike | 
     from .callbacks.worker import BackgroundSink
 
     spool = (default_spool() if spool is None else Path(spool)) / "raw"
-    writer = serialized(client, TiledWriter(client, batch_size=batch_size,
-                                            backup_directory=str(spool)))
+    writer = TiledWriter(client, batch_size=batch_size, backup_directory=str(spool))
     return BackgroundSink(lambda name, doc: writer(name, jsonable(doc)), name="xrdml-raw-writer")
 
 
@@ -169,8 +275,8 @@ def analysis_writer(client, batch_size: int = ANALYSIS_BATCH,
     from bluesky_tiled_plugins.writing.tiled_writer import TiledWriter
 
     spool = (default_spool() if spool is None else Path(spool)) / "analysis"
-    return serialized(client, TiledWriter(client, batch_size=batch_size, max_array_size=0,
-                                          backup_directory=str(spool)))
+    return TiledWriter(client, batch_size=batch_size, max_array_size=0,
+                       backup_directory=str(spool))
 
 
 def sync(client, spool: str | os.PathLike | None = None, log=None) -> list[tuple[str, str]]:
@@ -206,8 +312,7 @@ def sync(client, spool: str | os.PathLike | None = None, log=None) -> list[tuple
             what = "replaced a partial copy"
         else:
             what = "uploaded"
-        writer = serialized(client, TiledWriter(client, batch_size=1000,
-                                                max_array_size=max_array_size))
+        writer = TiledWriter(client, batch_size=1000, max_array_size=max_array_size)
         for d in docs:
             writer(d["name"], d["doc"])
         missing = verify(client[uid])

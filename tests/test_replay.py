@@ -43,8 +43,13 @@ def archived(request):
 
 def same_results(live_run, peaks, maps):
     live_peaks = catalog.peaks(live_run)
-    np.testing.assert_allclose(live_peaks[["row", "col", "intensity"]].to_numpy(),
-                               peaks[["row", "col", "intensity"]].to_numpy(), rtol=1e-9)
+    # centres come from a float32 network whose results change in the last bits with the
+    # batch they were computed in (live and replay batch differently): 1e-3 px is far
+    # below any centring error, far above float32 rounding; intensities are float64 sums
+    np.testing.assert_allclose(live_peaks[["row", "col"]].to_numpy(),
+                               peaks[["row", "col"]].to_numpy(), rtol=0, atol=1e-3)
+    np.testing.assert_allclose(live_peaks["intensity"].to_numpy(),
+                               peaks["intensity"].to_numpy(), rtol=1e-9)
     assert list(live_peaks["flag"]) == list(peaks["flag"])
     live_maps = catalog.maps(live_run)
     for name in ("Ni_111", "CeO2_111", "n_peaks"):
@@ -146,7 +151,7 @@ def test_real_usaxs_runs_load_into_tiled_and_replay_with_nothing_to_analyse(
     from bluesky_tiled_plugins.writing.tiled_writer import TiledWriter
 
     runs = json.loads(shared_data("bluesky_documents", "usaxs_docs.json").read_text())
-    writer = catalog.serialized(tiled_client, TiledWriter(tiled_client))
+    writer = TiledWriter(tiled_client)
     uids = []
     for docs in runs.values():
         for name, doc in docs:
