@@ -110,7 +110,7 @@ def start_metadata(raw_start: dict, analyses, routes, models, config, version) -
             "raw_uid": replay_of or raw_start["uid"],
             "replay_uid": raw_start["uid"] if replay_of else None,
             "raw_scan_id": raw_start.get("scan_id"),
-            "raw_plan_name": raw_start.get("plan_name"),
+            "raw_plan_name": raw_start.get("replay_of_plan", raw_start.get("plan_name")),
             "analyses": list(analyses),
             "routes": dict(routes),
             "models": list(models),

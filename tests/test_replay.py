@@ -72,6 +72,7 @@ def test_replay_plan_reproduces_the_live_analysis(archived):
     cb.wait(timeout=120)
     start = docs[0][1]
     assert start["replay_of"] == uid
+    assert start["plan_name"] == "xrdml_replay" and start["replay_of_plan"] == "xrd_map"
     assert start["sample"] == "phantom" and start["operator"] == "test"
     assert start["shape"] == [3, 4] and start["motors"] == ["y", "x"]
     runs = catalog.analyses(client, uid)  # the replay's analysis links to the original run
@@ -79,6 +80,7 @@ def test_replay_plan_reproduces_the_live_analysis(archived):
     newest = runs[0]
     assert runs[-1].metadata["start"]["uid"] == live.metadata["start"]["uid"]
     assert newest.metadata["start"]["xrdml"]["replay_uid"] == replay_uid
+    assert newest.metadata["start"]["xrdml"]["raw_plan_name"] == "xrd_map"
     assert catalog.verify(newest) == {}
     same_results(live, catalog.peaks(newest), catalog.maps(newest))
 

@@ -4,7 +4,9 @@
 the original time order, through playback devices: one per object of the original run
 (a detector, a motor), with its data keys and configuration (a powder detector's 2θ axis
 and wavelength come along). Arrays are re-emitted inline, external ones included. The
-new run's start document carries the original's metadata plus ``replay_of``.
+new run's start document carries the original's metadata, ``replay_of`` (its uid) and
+``replay_of_plan`` (its plan name), and ``plan_name="xrdml_replay"``: a replay filed in a
+catalog is never mistaken for a raw run.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import bluesky.preprocessors as bpp
 from ..archive import ArchivedRun
 
 DROPPED = ("uid", "time", "scan_id")  # the RunEngine gives the new run its own
+REPLAY_PLAN_NAME = "xrdml_replay"
 
 
 class PlaybackDevice:
@@ -76,7 +79,10 @@ def replay(run, md=None, *, chunk: int = 64):
     """
     archived = run if isinstance(run, ArchivedRun) else ArchivedRun(run)
     _md = {k: v for k, v in archived.start.items() if k not in DROPPED}
+    # marked as a replay, so that searches for raw runs by plan name never pick it up
     _md["replay_of"] = archived.uid
+    _md["replay_of_plan"] = archived.start.get("plan_name")
+    _md["plan_name"] = REPLAY_PLAN_NAME
     _md.update(md or {})
     devices = [_devices(s) for s in archived.streams]
     names = [s.name for s in archived.streams]
