@@ -31,7 +31,7 @@ def main(frames: int) -> None:
         raw = catalog.raw_writer(client, spool=f"{tmp}/spool")
         RE.subscribe(raw)
         cb = XRDMLCallback()
-        cb.subscribe(catalog.analysis_writer(client, spool=f"{tmp}/spool"), background=True)
+        cb.subscribe(catalog.analysis_writer(client, spool=f"{tmp}/spool"))
         RE.subscribe(cb)
         t0 = time.perf_counter()
         (uid,) = RE(bp.count([bl.area], num=frames))

@@ -31,7 +31,7 @@ def run_demo(client, figures: Path, map_points: int = 20, frames: int = 12, log=
     raw = catalog.raw_writer(client, spool=spool)
     RE.subscribe(raw)
     cb = XRDMLCallback()
-    cb.subscribe(catalog.analysis_writer(client, spool=spool), background=True)
+    cb.subscribe(catalog.analysis_writer(client, spool=spool))
     RE.subscribe(cb)
 
     summaries = []

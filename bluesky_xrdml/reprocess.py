@@ -27,7 +27,7 @@ def reprocess(client, uid: str, *, analyses=None, models=None, engine: bool = Tr
     archived = ArchivedRun(client[uid])
     cb = XRDMLCallback(analyses, models=models)
     # big batches: nobody watches a reprocessed run fill up, and each request costs ~0.1 s
-    cb.subscribe(catalog.analysis_writer(client, batch_size=500, spool=spool), background=True)
+    cb.subscribe(catalog.analysis_writer(client, batch_size=500, spool=spool))
     if engine:
         from bluesky import RunEngine
 

@@ -142,7 +142,7 @@ def test_a_failing_sink_does_not_stop_the_scan_or_other_sinks(RE, beamline, coll
     cb.subscribe(broken)
     (uid,) = RE(bp.count([beamline.area], num=2))
     cb.wait(timeout=30)
-    assert cb.sink_errors > 0
+    assert cb.sink_failures > 0  # counted on the sink's own thread
     assert collector.of("stop")[0]["exit_status"] == "success"
 
 

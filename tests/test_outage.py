@@ -37,7 +37,7 @@ def test_server_stopped_mid_scan_then_synced_exactly_once(tmp_path, fast_failure
         raw = catalog.raw_writer(client, batch_size=1, spool=spool)
         RE.subscribe(raw)
         cb = XRDMLCallback()
-        cb.subscribe(catalog.analysis_writer(client, batch_size=1, spool=spool), background=True)
+        cb.subscribe(catalog.analysis_writer(client, batch_size=1, spool=spool))
         RE.subscribe(cb)
 
         def outage(name, doc):  # the server goes down after the third frame has landed

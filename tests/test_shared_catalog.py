@@ -18,7 +18,7 @@ def test_plain_tiled_writers_share_the_embedded_catalog_through_a_scan_and_a_rep
     RE, beamline = RunEngine({}), sim_beamline(seed=5)
     RE.subscribe(TiledWriter(tiled_client, batch_size=1))  # files every raw event at once
     cb = XRDMLCallback()
-    cb.subscribe(TiledWriter(tiled_client, batch_size=1, max_array_size=0), background=True)
+    cb.subscribe(TiledWriter(tiled_client, batch_size=1, max_array_size=0))
     RE.subscribe(cb)
 
     (uid,) = RE(xrd_map([beamline.powder], beamline.x, -0.6, 0.6, 5,

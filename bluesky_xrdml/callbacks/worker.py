@@ -30,32 +30,49 @@ class WorkerStats:
 class BackgroundSink:
     """Runs a document sink on its own thread, so a slow or unreachable destination (a
     Tiled server retrying for tens of seconds) never holds up the analysis or the scan.
-    Documents wait in an unbounded queue in order; ``join()`` waits until all are handed
-    over. Exceptions are logged and counted in ``errors``."""
+
+    The thread and its queue are bluesky's own ``BufferingWrapper``; this adds what the
+    callback needs on top: ``join()`` waits until every document so far was handed over,
+    ``errors`` counts the documents the sink failed on (logged too), ``close()`` stops the
+    thread once the queue is drained.
+    """
 
     def __init__(self, sink, name: str = "xrdml-sink"):
+        from bluesky.callbacks.buffer import BufferingWrapper
+
         self.sink = sink
+        self.name = name
         self.errors = 0
-        self.queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        self._pending = 0
+        self._done = threading.Condition()
+        self._buffer = BufferingWrapper(self._deliver)
 
     def __call__(self, name, doc):
-        self.queue.put((name, doc))
+        with self._done:
+            self._pending += 1
+        self._buffer(name, doc)
+
+    def _deliver(self, name, doc):
+        try:
+            self.sink(name, doc)
+        except Exception:
+            self.errors += 1
+            logger.exception("xrdml: sink %r failed on a %r document", self.sink, name)
+        finally:
+            with self._done:
+                self._pending -= 1
+                self._done.notify_all()
 
     def join(self, timeout: float | None = None) -> bool:
-        return _join(self.queue, timeout)
+        """Wait until every document received so far is handed over; False on timeout."""
+        with self._done:
+            return self._done.wait_for(lambda: self._pending == 0, timeout)
 
-    def _loop(self):
-        while True:
-            name, doc = self.queue.get()
-            try:
-                self.sink(name, doc)
-            except Exception:
-                self.errors += 1
-                logger.exception("xrdml: sink %r failed on a %r document", self.sink, name)
-            finally:
-                self.queue.task_done()
+    def close(self, timeout: float | None = None) -> bool:
+        """Hand over what is queued (up to ``timeout``), then stop the thread."""
+        drained = self.join(timeout)
+        self._buffer.shutdown(wait=drained)
+        return drained
 
 
 def _join(q: queue.Queue, timeout: float | None) -> bool:
@@ -68,6 +85,9 @@ def _join(q: queue.Queue, timeout: float | None) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+_CLOSE = "close"  # the op that ends the worker's thread
 
 
 class Worker:
@@ -104,6 +124,13 @@ class Worker:
         """Wait until everything submitted so far is processed; False on timeout."""
         return _join(self.queue, timeout)
 
+    def close(self, timeout: float | None = None) -> bool:
+        """Process what is queued, then stop the thread; False if it was still busy after
+        ``timeout`` seconds (it then stops after the item in hand)."""
+        self.queue.put((None, _CLOSE, None, None))
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def _take(self) -> list:
         items = [self.queue.get()]
         while len(items) < self.batch_size:
@@ -120,6 +147,10 @@ class Worker:
             while i < len(items):
                 owner, op, key, payload = items[i]
                 j = i + 1
+                if op == _CLOSE:
+                    for _ in items[i:]:  # nothing is submitted after close
+                        self.queue.task_done()
+                    return
                 if op == "data":
                     while j < len(items) and items[j][:3] == (owner, op, key):
                         j += 1

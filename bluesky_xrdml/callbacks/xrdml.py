@@ -74,18 +74,22 @@ class XRDMLCallback(RunRouter):
         return [run], []
 
     # --- the analysis run's documents ---------------------------------------------
-    def subscribe(self, sink, background: bool = False) -> int:
+    def subscribe(self, sink, background: bool = True) -> int:
         """Send the analysis runs' documents to ``sink(name, doc)``; returns a token.
 
-        ``background=True`` runs the sink on its own thread (use it for writers to a
-        remote catalog: an outage then delays neither the analysis nor the scan).
+        Each sink runs on its own thread (``background=True``, the default), so a writer to
+        a slow or unreachable catalog delays neither the analysis nor the scan.
+        ``background=False`` calls the sink on the worker thread instead: enough for a
+        cheap sink (a list's ``append``). ``cb.wait()`` waits for both kinds.
         """
         token = next(self._tokens)
         self._sinks[token] = BackgroundSink(sink) if background else sink
         return token
 
     def unsubscribe(self, token: int) -> None:
-        self._sinks.pop(token, None)
+        sink = self._sinks.pop(token, None)
+        if isinstance(sink, BackgroundSink):
+            sink.close()
 
     def _emit(self, name, doc):
         for sink in list(self._sinks.values()):
@@ -108,6 +112,28 @@ class XRDMLCallback(RunRouter):
                 if not sink.join(left):
                     return False
         return True
+
+    def close(self, timeout: float | None = 60.0) -> bool:
+        """Finish what was received (up to ``timeout`` seconds), hand it to every sink, and
+        stop the worker and sink threads. False if something was still busy at the
+        deadline. ``with XRDMLCallback() as cb:`` closes on exit."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left():
+            return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+        done = self.worker.close(left())
+        for token in list(self._sinks):
+            sink = self._sinks.pop(token)
+            if isinstance(sink, BackgroundSink):
+                done = sink.close(left()) and done
+        return done
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     @property
     def stats(self):
