@@ -1,0 +1,154 @@
+"""A callback that runs for days: memory over a long scan, and what the analysis costs the
+RunEngine when detectors take a real exposure.
+
+1. Memory: ``count([powder], num=N)`` (default 20 000 patterns, no exposure, as fast as the
+   analysis goes) with a default ``XRDMLCallback`` and a sink that drops what it gets.
+   Prints the process RSS after warm-up (the first 2 000 events) and at the end, the growth
+   per 1000 events (target <= 5 MB), and events/s. The same count without the callback is
+   measured first, so the detector's and RunEngine's own growth is printed beside it.
+2. Cost to the scan: the same scan with nothing attached and with the callback, with
+   detectors that take a real exposure (``--exposure``, 0.1 s as hardware does; the frames
+   are made before the scan, so the simulation costs the scan nothing, as a hardware
+   detector would not): 1D patterns and 2048x2048 frames. Prints the RunEngine time ratio
+   (target <= 1.05) and how long after the scan's stop the analysis run closed (target
+   <= 2 s: the analysis keeps up).
+
+    .venv/bin/python benchmarks/long_scan.py [--patterns 20000] [--points 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+
+import bluesky.plans as bp
+import numpy as np
+from bluesky import RunEngine
+from ophyd.status import Status
+
+from bluesky_xrdml.callbacks import XRDMLCallback
+from bluesky_xrdml.devices import sim_beamline
+from bluesky_xrdml.devices.area import BraggSpotDetector
+from bluesky_xrdml.devices.powder import PowderDetector
+from bluesky_xrdml.simulation.spots import SpotSimulator
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class Exposed:
+    """Mix-in: ``trigger`` puts the next of ``pool`` (made before the scan) and finishes
+    ``exposure`` seconds later, as a hardware detector's acquisition does."""
+
+    def setup_exposure(self, signal, pool, exposure: float):
+        self._signal, self._pool, self._exposure, self._n = signal, pool, exposure, 0
+
+    def trigger(self):
+        self._signal.put(self._pool[self._n % len(self._pool)])
+        self._n += 1
+        status = Status(obj=self)
+        threading.Timer(self._exposure, status.set_finished).start()
+        return status
+
+
+class ExposedPowder(Exposed, PowderDetector):
+    pass
+
+
+class ExposedArea(Exposed, BraggSpotDetector):
+    pass
+
+
+def memory(patterns: int, warmup: int = 2000) -> None:
+    bl = sim_beamline(seed=1)
+    samples = {}
+
+    def sample(name, doc):
+        if name == "event" and doc["seq_num"] in (warmup, patterns):
+            samples[doc["seq_num"]] = rss_mb()
+
+    for label, attach in (("nothing attached", False), ("XRDMLCallback attached", True)):
+        RE = RunEngine({})
+        cb = None
+        if attach:
+            cb = XRDMLCallback()
+            cb.subscribe(lambda name, doc: None)
+            RE.subscribe(cb)
+        RE.subscribe(sample)
+        bl.powder.truth.clear()
+        t0 = time.perf_counter()
+        RE(bp.count([bl.powder], num=patterns))
+        if cb is not None:
+            cb.wait()
+            samples[patterns] = rss_mb()  # once the analysis has caught up
+        dt = time.perf_counter() - t0
+        bl.powder.truth.clear()  # the simulator keeps its truth for tests
+        grow = (samples[patterns] - samples[warmup]) / (patterns - warmup) * 1000
+        print(f"  {label}: RSS {samples[warmup]:.0f} MB after {warmup} events, "
+              f"{samples[patterns]:.0f} MB after {patterns}: {grow:+.2f} MB per 1000 events; "
+              f"{patterns / dt:.0f} events/s" + (f"; analysis {cb.summaries()[-1]['analysed']}"
+                                                  if cb else ""))
+        if cb is not None:
+            cb.close()
+
+
+def cost(points: int, exposure: float) -> None:
+    from bluesky_xrdml.devices import sim_beamline as _sb
+
+    bl = _sb(seed=2)
+    rng = np.random.default_rng(0)
+    powder = ExposedPowder(name="powder", x=bl.x, y=bl.y, rotation=bl.rot, seed=2)
+    pool = []
+    for i in range(8):
+        bl.x.set(-0.8 + 0.2 * i)
+        PowderDetector.trigger(powder)  # the simulator's own pattern
+        pool.append(powder.pattern.get().copy())
+    powder.setup_exposure(powder.pattern, pool, exposure)
+    sim = SpotSimulator(shape=(2048, 2048), density=400.0, seed=2)
+    area = ExposedArea(name="area", rotation=bl.rot, simulator=sim, seed=2)
+    frames = [sim.frame(0.5 * i, rng) for i in range(4)]
+    area.setup_exposure(area.image, frames, exposure)
+    cases = {"powder patterns (2048 points)": powder, "area frames (2048x2048)": area}
+    for label, det in cases.items():
+        RE = RunEngine({})
+        t0 = time.perf_counter()
+        RE(bp.count([det], num=points))
+        bare = time.perf_counter() - t0
+        cb = XRDMLCallback()
+        RE.subscribe(cb)
+        RE(bp.count([det], num=3))  # warm-up: loads models, derives ROIs
+        cb.wait()
+        t0 = time.perf_counter()
+        RE(bp.count([det], num=points))
+        stopped = time.perf_counter()  # RE() returns right after the stop document
+        attached = stopped - t0
+        cb.wait()
+        lag = time.perf_counter() - stopped
+        summary = cb.summaries()[-1]
+        print(f"  {label}: RunEngine {bare:.2f} s alone, {attached:.2f} s with the analysis "
+              f"(ratio {attached / bare:.3f}, target <= 1.05); analysis run closed {lag:.2f} s "
+              f"after the stop (target <= 2 s); {summary['exit_status']}: "
+              f"{summary['analysed']}; queue stalls {cb.stats.stalls}")
+        cb.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patterns", type=int, default=20_000)
+    parser.add_argument("--points", type=int, default=100)
+    parser.add_argument("--exposure", type=float, default=0.1)
+    args = parser.parse_args()
+    print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
+    print(f"1. memory over a count of {args.patterns} powder patterns")
+    memory(args.patterns)
+    print(f"2. cost to the scan: {args.points} points, {args.exposure} s exposure each")
+    cost(args.points, args.exposure)
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
