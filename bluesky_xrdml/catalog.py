@@ -12,6 +12,7 @@ DataFrame (``peaks``). With plain tiled queries::
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -24,6 +25,8 @@ from tiled.queries import Key
 from . import layout
 from .archive import stream_table
 
+logger = logging.getLogger(__name__)
+
 
 class CatalogError(RuntimeError):
     """The catalog cannot be reached or used; the message says what to check."""
@@ -35,12 +38,13 @@ def embedded(directory: str | os.PathLike = "xrdml-data", api_key: str | None = 
     """Start a Tiled server over ``directory`` (kept between runs) on 127.0.0.1, in its own
     process. Yields ``(server, client)``; the server stops on exit.
 
-    It is ``tiled serve catalog`` with everything in ``directory``: the SQLite catalog
-    (``catalog.db``), array files (``data/``) and tables in SQLite (``tables.sqlite``).
-    Tables are not in DuckDB (what tiled's ``SimpleTiledServer`` uses): DuckDB failed on
-    concurrent appends from independent writers (a plain TiledWriter beside ours) and
-    then aborted the whole Python process. In its own process nothing the server does can
-    take the user's session down, and any number of writers may share it.
+    It is ``tiled serve`` with everything in ``directory``: the SQLite catalog
+    (``catalog.db``), array files (``data/``) and tables (``storage.duckdb``), as tiled's
+    ``SimpleTiledServer`` keeps them, with two differences: the server runs in a process
+    of its own, so nothing it does can take the user's session down, and its table
+    operations take turns (``bluesky_xrdml.tiled_server``), so any number of independent
+    writers may share it (in ``SimpleTiledServer``, a plain TiledWriter beside ours made
+    DuckDB fail and then aborted the whole Python process).
     ``readable_storage``: folders of files that runs reference (detector HDF5/TIFF).
     """
     from tiled.client import from_uri
@@ -85,9 +89,7 @@ class EmbeddedServer:
     def config(self) -> dict:
         """The server's tiled configuration (written to ``tiled-config.yml``)."""
         d = self.directory
-        writable = [str(d / "data"), f"sqlite:///{d / 'tables.sqlite'}"]
-        if (d / "storage.duckdb").exists():  # tables of a catalog made by an older version
-            writable.append(f"duckdb:///{d / 'storage.duckdb'}")
+        writable = [str(d / "data"), f"duckdb:///{d / 'storage.duckdb'}"]
         args = {
             "uri": f"sqlite:///{d / 'catalog.db'}",
             "writable_storage": writable,
@@ -114,7 +116,6 @@ class EmbeddedServer:
         import httpx
 
         (self.directory / "data").mkdir(parents=True, exist_ok=True)
-        _write_ahead_log(self.directory / "tables.sqlite")
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL,
@@ -148,16 +149,6 @@ class EmbeddedServer:
 
     def __repr__(self):
         return f"<EmbeddedServer {self.base} over {self.directory}>"
-
-
-def _write_ahead_log(path: Path) -> None:
-    """Put the SQLite table store in write-ahead-log mode (kept in the file): readers
-    then never block the one writer, where SQLite's default journal answers a write
-    during a read with "database is locked"."""
-    import sqlite3
-
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        db.execute("PRAGMA journal_mode=WAL")
 
 
 def _free_port() -> int:
@@ -223,10 +214,14 @@ def raw_writer(client, batch_size: int = LIVE_BATCH, spool: str | os.PathLike | 
     It files events while the scan runs (``TiledWriter``, ``batch_size`` events per
     request), on its own thread so the RunEngine never waits on the catalog, and spools
     the run to ``<spool>/raw`` if the catalog fails, so an outage neither aborts the scan
-    nor loses data. Arrays are converted to lists first so the spool (JSON lines) can
-    hold them: fine for patterns and frames up to a few megapixels; large detectors
-    should write files (HDF5) that the run references instead. ``w.join()`` waits until
-    everything is handed to Tiled.
+    nor loses data; the log then says where the run went (``w.sink.spooled`` lists them).
+    An array whose shape differs from what its descriptor declares (a detector that
+    changed its ROI mid-scan) cannot be stored beside the others: it is filed as a
+    placeholder of the declared shape (0, or NaN for floats) and a warning says which
+    point. Arrays are converted to lists first so the spool (JSON lines) can hold them:
+    fine for patterns and frames up to a few megapixels; large detectors should write
+    files (HDF5) that the run references instead. ``w.join()`` waits until everything
+    is handed to Tiled.
     """
     from bluesky_tiled_plugins.writing.tiled_writer import TiledWriter
 
@@ -234,7 +229,79 @@ def raw_writer(client, batch_size: int = LIVE_BATCH, spool: str | os.PathLike | 
 
     spool = (default_spool() if spool is None else Path(spool)) / "raw"
     writer = TiledWriter(client, batch_size=batch_size, backup_directory=str(spool))
-    return BackgroundSink(lambda name, doc: writer(name, jsonable(doc)), name="xrdml-raw-writer")
+    return BackgroundSink(RawRunSink(writer, spool), name="xrdml-raw-writer")
+
+
+class RawRunSink:
+    """Hands raw documents to ``writer`` as plain JSON-able values, with arrays conformed
+    to their declared shapes; tells the user where a run went when it was spooled."""
+
+    def __init__(self, writer, spool: Path):
+        self.writer, self.spool = writer, Path(spool)
+        self.spooled: list[tuple[str, Path]] = []  # (raw uid, spool file)
+        self._declared: dict[str, dict] = {}  # descriptor uid -> {key: (shape, dtype)}
+        self._warned: set = set()
+
+    def __call__(self, name, doc):
+        if name == "descriptor":
+            self._declared[doc["uid"]] = {
+                k: (tuple(dk["shape"]), dk.get("dtype_numpy"))
+                for k, dk in doc.get("data_keys", {}).items()
+                if dk.get("shape") and not dk.get("external")}
+        elif name in ("event", "event_page"):
+            doc = self._conform(name, doc)
+        self.writer(name, jsonable(doc))
+        if name == "stop":
+            self._report(doc["run_start"])
+
+    def _conform(self, name, doc):
+        declared = self._declared.get(doc.get("descriptor"), {})
+        data = doc.get("data", {})
+        bad = {k for k in declared if k in data and self._mismatch(name, data[k], declared[k])}
+        if not bad:
+            return doc
+        doc = {**doc, "data": dict(data)}
+        for key in bad:
+            shape, dtype = declared[key]
+            fill = np.zeros(shape, dtype or "<f8")
+            if fill.dtype.kind == "f":
+                fill[...] = np.nan
+            seqs = doc["seq_num"] if name == "event_page" else [doc["seq_num"]]
+            if name == "event":
+                doc["data"][key] = fill
+            else:
+                doc["data"][key] = [v if _shape(v) == shape else fill for v in data[key]]
+            if (doc["descriptor"], key) not in self._warned:
+                self._warned.add((doc["descriptor"], key))
+                logger.warning(
+                    "raw run: %r at seq_num %s does not have its declared shape %s; filed as "
+                    "a placeholder of that shape (the detector changed shape mid-scan?); "
+                    "later mismatches of this key are not reported", key, seqs, shape)
+        return doc
+
+    @staticmethod
+    def _mismatch(name, value, declared) -> bool:
+        shape = declared[0]
+        values = value if name == "event_page" else [value]
+        return any(_shape(v) != shape for v in values)
+
+    def _report(self, uid: str) -> None:
+        path = self.spool / f"{uid.split('-')[0]}.jsonl"
+        if path.exists():
+            self.spooled.append((uid, path))
+            logger.warning("raw run %s could not be filed in the catalog; all its documents "
+                           "are in %s: file them with `xrdml sync --spool %s` once the "
+                           "catalog is reachable", uid, path, self.spool.parent)
+
+
+def _shape(value) -> tuple:
+    try:
+        arr = np.asarray(value)
+    except Exception:
+        return ()
+    if arr.dtype == object:  # ragged: no usable shape
+        return ("ragged",)
+    return tuple(arr.shape)
 
 
 def jsonable(doc):
@@ -362,8 +429,10 @@ def peaks(analysis_run) -> pd.DataFrame:
 def maps(analysis_run, stream: str = layout.MAPS) -> xr.Dataset:
     """The maps of an analysis run as an ``xarray.Dataset``.
 
-    Dimensions are the scan's motors (outer first) for maps and ``row``/``col`` (mm) for
-    XRD-CT images; coordinates come from the measured motor positions.
+    Dimensions are the scan's motors (outer first) for grid maps, ``point`` (the raw
+    seq_num) with each motor's measured position as a coordinate for scans that are not
+    grids, and ``row``/``col`` (mm) for XRD-CT images; coordinates come from the measured
+    motor positions.
     """
     if stream not in analysis_run:
         raise KeyError(f"analysis run {analysis_run.metadata['start']['uid']} has no "
@@ -373,7 +442,8 @@ def maps(analysis_run, stream: str = layout.MAPS) -> xr.Dataset:
     data_keys = node.descriptors[0]["data_keys"]
     arrays = {k: np.asarray(base[k].read())[-1] for k in data_keys}
     dims = {k: tuple(v["dims"]) for k, v in data_keys.items()}
-    coords = {k: (dims[k], arrays[k]) for k in arrays if dims[k] == (k,)}
+    coords = {k: (dims[k], arrays[k]) for k in arrays
+              if dims[k] == (k,) or data_keys[k].get("coordinate")}
     variables = {k: (dims[k], arrays[k], {"units": data_keys[k].get("units", "")})
                  for k in arrays if k not in coords}
     start = analysis_run.metadata["start"]

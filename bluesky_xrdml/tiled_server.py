@@ -1,38 +1,59 @@
 """The embedded catalog's server process: tiled's own ``tiled serve``, started by
 ``catalog.embedded`` as ``python -m bluesky_xrdml.tiled_server serve config FILE ...``.
 
-One change to tiled: every connection to an SQLite table store waits up to 30 s for the
-database lock instead of failing at once. SQLite has one writer at a time, and tiled
-opens several connections to it; without a busy timeout two clients appending at the
-same moment (a facility's TiledWriter and ours) got "database is locked" (HTTP 500) and
-had to retry. The timeout is per connection (``PRAGMA busy_timeout``), so it is set on
-each connection handed out.
+One change to tiled: table operations take turns. The embedded catalog keeps tables in
+DuckDB (as tiled's ``SimpleTiledServer`` does: SQLite cannot hold the list columns that
+TiledWriter files for small arrays), and tiled shares one DuckDB connection between the
+server's threads. Two clients appending at once (a facility's TiledWriter and ours) then
+failed ("No active transaction, cannot commit", HTTP 500) and once aborted the process
+(``malloc_consolidate(): unaligned fastbin chunk``). Here every table connection is handed
+out behind one lock and given back when tiled closes it, so the server does one table
+operation at a time, whoever the clients are.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 
-BUSY_TIMEOUT_MS = 30_000
+
+class _Turn:
+    """A table connection held for one operation: the lock is released on ``close()``."""
+
+    def __init__(self, connection, lock):
+        self._connection, self._lock, self._open = connection, lock, True
+
+    def __getattr__(self, name):
+        return getattr(self._connection, name)
+
+    def close(self):
+        if self._open:
+            self._open = False
+            try:
+                self._connection.close()
+            finally:
+                self._lock.release()
 
 
-def _patch_sqlite_storage() -> None:
+def take_turns() -> None:
+    """Hand out tiled's embedded (DuckDB/SQLite) table connections one at a time."""
     from tiled.storage import EmbeddedSQLStorage
 
-    connect = EmbeddedSQLStorage.connect
+    connect, lock = EmbeddedSQLStorage.connect, threading.RLock()
 
-    def connect_waiting(self):
-        conn = connect(self)
-        if self.dialect == "sqlite":
-            with conn.cursor() as cursor:
-                cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        return conn
+    def connect_in_turn(self):
+        lock.acquire()
+        try:
+            return _Turn(connect(self), lock)
+        except BaseException:
+            lock.release()
+            raise
 
-    EmbeddedSQLStorage.connect = connect_waiting
+    EmbeddedSQLStorage.connect = connect_in_turn
 
 
 def main() -> None:
-    _patch_sqlite_storage()
+    take_turns()
     from tiled.commandline.main import main as tiled_main
 
     sys.argv[0] = "tiled"

@@ -16,7 +16,8 @@ EDGE_POINTS = 3  # points at each end of a window that define its background lin
 
 
 class PatternError(ValueError):
-    """Patterns that cannot be analysed (wrong length, NaN or negative counts)."""
+    """Patterns that cannot be analysed (not numbers, wrong length, NaN, negative counts,
+    constant)."""
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,16 @@ class Roi:
     phase: str | None = None
 
 
-def check_patterns(patterns, n_points: int) -> np.ndarray:
-    """Patterns as float64 (N, n_points), or a ``PatternError`` saying what is wrong."""
-    arr = np.asarray(patterns, dtype=np.float64)
+def check_patterns(patterns, n_points: int, reject_constant: bool = False) -> np.ndarray:
+    """Patterns as float64 (N, n_points), or a ``PatternError`` saying what is wrong.
+    ``reject_constant``: a constant pattern (all zero: shutter closed) is an error too
+    (measured patterns; a reconstructed voxel outside the sample may well be all zero)."""
+    try:
+        arr = np.asarray(patterns, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise PatternError(f"pattern of type {type(patterns).__name__} "
+                           f"(dtype {getattr(patterns, 'dtype', '?')}) is not numbers; the "
+                           "detector should send counts") from None
     if arr.ndim == 1:
         arr = arr[None]
     if arr.ndim != 2 or arr.shape[1] != n_points:
@@ -43,6 +51,12 @@ def check_patterns(patterns, n_points: int) -> np.ndarray:
         rows = np.unique(np.nonzero(arr < 0)[0])
         raise PatternError(f"{int((arr < 0).sum())} negative counts in pattern(s) "
                            f"{rows[:10].tolist()}; pass raw counts (background not subtracted)")
+    flat = np.ptp(arr, axis=1) == 0 if reject_constant else np.zeros(len(arr), bool)
+    if flat.any():
+        rows = np.nonzero(flat)[0]
+        raise PatternError(f"constant pattern(s) {rows[:10].tolist()} (every point = "
+                           f"{arr[rows[0], 0]:g}): shutter closed or detector not read out? "
+                           "Nothing to analyse")
     return arr
 
 

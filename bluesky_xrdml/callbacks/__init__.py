@@ -1,6 +1,7 @@
 """Document consumers: the routing/analysis callback."""
 
 from .analyzers import BraggPeaks, RoiIntensities, default_analyses
+from .integration import PowderIntegration
 from .xrdml import XRDMLCallback
 
-__all__ = ["BraggPeaks", "RoiIntensities", "XRDMLCallback", "default_analyses"]
+__all__ = ["BraggPeaks", "PowderIntegration", "RoiIntensities", "XRDMLCallback", "default_analyses"]

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import layout
 from ..analysis import maps as gridmaps
-from ..analysis.peaks import METHODS, FrameError, centre_peaks, prepare
+from ..analysis.peaks import METHODS, PATCH, FrameError, centre_peaks, prepare
 from ..analysis.roi import PatternError, Roi, check_patterns, integrate_rois, rois_from_phases
 from ..analysis.tomography import reconstruct
 
@@ -33,18 +33,24 @@ class Item:
 
 @dataclass
 class Geometry:
-    """How scan points map onto an image: 'map' (grid), 'xrdct' (sinogram) or 'points'."""
+    """How scan points map onto an image: 'map' (a grid, outer motor first), 'xrdct'
+    (sinogram), 'scatter' (two or more motors, not a grid: ``list_scan``, ``rel_spiral``,
+    fly scans; maps are per point with the measured positions) or 'points'."""
 
     kind: str
     shape: tuple = ()
     motors: tuple = ()
+    snaking: tuple = ()  # per grid axis: True when it runs backwards on odd passes
 
     @classmethod
     def from_start(cls, start: dict) -> Geometry:
         shape, motors = tuple(start.get("shape") or ()), tuple(start.get("motors") or ())
+        snaking = tuple(start.get("snaking") or ())
         if len(shape) == 2 and len(motors) == 2:
             kind = "xrdct" if start.get("xrdml_scan") == "xrdct" else "map"
-            return cls(kind, shape, motors)
+            return cls(kind, shape, motors, snaking if kind == "map" else ())
+        if len(motors) >= 2:
+            return cls("scatter", shape, motors)
         return cls("points", shape, motors)
 
 
@@ -59,6 +65,10 @@ class Route:
     external: bool = False  # data arrive through stream_datum, not inside events
     context: dict = field(default_factory=dict)
     acc: dict = field(default_factory=dict)
+    # "" inline; "FILESTORE" (events hold datum ids) or "STREAM" (stream_datum documents)
+    reference: str = ""
+    shape: tuple = ()  # the data key's declared shape (leading 1s dropped)
+    upstream: object = None  # the integration route whose patterns feed this one
 
     def stream(self, base: str) -> str:
         return layout.stream_name(base, self.key, self.first)
@@ -131,8 +141,10 @@ class BraggPeaks:
 
     def match(self, key: str, data_key: dict, descriptor: dict):
         shape = _array_shape(data_key)
-        if len(shape) == 2 and min(shape) >= 11:
-            return {"shape": shape}
+        if len(shape) == 2 and min(shape) >= 1:
+            # frames too small for a patch are routed too: each is recorded as an error
+            # saying so, rather than the key being silently passed over
+            return {"shape": shape, "dtype": data_key.get("dtype_numpy")}
         return None
 
     def streams(self, route: Route, motors) -> dict:
@@ -143,7 +155,9 @@ class BraggPeaks:
         prepared, used, errors = [], [], []
         for item in items:
             try:
-                prepared.append(prepare(item.value, frame_index=item.point, k=self.k))
+                frame = check_frame_input(item.value, route.context.get("shape"),
+                                          route.context.get("dtype"))
+                prepared.append(prepare(frame, frame_index=item.point, k=self.k))
                 used.append(item)
             except FrameError as err:
                 errors.append((item.point, str(err)))
@@ -160,12 +174,52 @@ class BraggPeaks:
 
     def finish(self, route: Route, geometry: Geometry) -> dict:
         frames = route.acc.get("frames", [])
-        if geometry.kind != "map" or not frames:
+        if geometry.kind not in ("map", "scatter") or not frames:
             return {}
-        points = [f["frame"] for f in frames]
-        values = {"n_peaks": gridmaps.assemble(points, [f["n_peaks"] for f in frames],
-                                               geometry.shape)}
-        return {route.stream(layout.MAPS): _grid_event(values, frames, points, geometry)}
+        rows = [{**f, "point": f["frame"]} for f in frames]
+        points, values = _assemble(rows, ["n_peaks"], geometry, std=False)
+        return {route.stream(layout.MAPS): _grid_event(values, rows, points, geometry)}
+
+
+def check_frame_input(value, shape=None, dtype=None) -> np.ndarray:
+    """A frame as the descriptor declared it, or a ``FrameError`` that says what is wrong
+    and what to do: not numbers, not 2D, another shape than declared, smaller than a
+    patch, NaN, float where integer counts were declared, constant (all zero: shutter
+    closed?), mostly negative (background-subtracted?). A few negative pixels are the
+    detector's mask (Pilatus module gaps are -1 or -2) and count as 0."""
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "uif":
+        raise FrameError(f"frame of dtype {arr.dtype} is not numbers; the detector should "
+                         f"send counts ({dtype or 'integers'})")
+    while arr.ndim > 2 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise FrameError(f"expected a 2D frame, got shape {arr.shape}")
+    if shape and len(shape) == 2 and arr.shape != tuple(shape):
+        raise FrameError(f"frame of shape {arr.shape} where the descriptor declares "
+                         f"{tuple(shape)}: did the detector's ROI or binning change mid-scan? "
+                         "Start a new run after changing it")
+    if min(arr.shape) < PATCH:
+        raise FrameError(f"frame of shape {arr.shape} is smaller than the {PATCH}×{PATCH} patch "
+                         "a peak is centred in; bin less or read a larger detector region")
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        bad = int(np.sum(~np.isfinite(arr)))
+        raise FrameError(f"frame has {bad} NaN/inf pixels; mask them first")
+    if arr.dtype.kind == "f" and dtype and np.dtype(dtype).kind in "ui":
+        raise FrameError(f"frame of dtype {arr.dtype} where the descriptor declares integer "
+                         f"counts ({dtype}): pass the detector's raw counts")
+    lo, hi = arr.min(), arr.max()
+    if lo == hi:
+        raise FrameError(f"frame is constant (every pixel = {lo:g}): shutter closed, detector "
+                         "not triggered or saturated? Nothing to analyse")
+    negative = arr < 0
+    if negative.any():
+        share = float(negative.mean())
+        if share > 0.5:
+            raise FrameError(f"{100 * share:.0f} % of the pixels are negative (min {lo:g}): "
+                             "pass raw counts, not background-subtracted frames")
+        arr = np.where(negative, 0, arr)
+    return arr
 
 
 class RoiIntensities:
@@ -236,7 +290,7 @@ class RoiIntensities:
         good, errors = [], []
         for item in items:  # check each so one bad pattern does not sink the batch
             try:
-                good.append((item, check_patterns(item.value, tt.size)[0]))
+                good.append((item, check_patterns(item.value, tt.size, reject_constant=True)[0]))
             except PatternError as err:
                 errors.append((item.point, str(err)))
         rows = []
@@ -256,7 +310,7 @@ class RoiIntensities:
             return {}
         names = [r.name for r in route.context["rois"]]
         points, grids = _assemble(rows, names, geometry)
-        if geometry.kind == "map":
+        if geometry.kind in ("map", "scatter"):
             return {route.stream(layout.MAPS): _grid_event(grids, rows, points, geometry)}
         # XRD-CT: (rotation, translation) sinograms -> FBP per ROI
         rot, trans = geometry.motors
@@ -271,12 +325,19 @@ class RoiIntensities:
                 route.stream(layout.SINOGRAMS): sino}
 
 
-def _assemble(rows: list, names, geometry: Geometry):
-    """``(points, grids)``: each value ``name`` and its ``name_std`` of the per-item rows
-    placed on the scan grid."""
+def _assemble(rows: list, names, geometry: Geometry, std: bool = True):
+    """``(points, grids)``: each value ``name`` (and its ``name_std``) of the per-item rows
+    placed on the scan grid where it was measured (snaking followed), or, for a
+    'scatter' geometry, one value per point in point order."""
     points = [r["point"] for r in rows]
-    grids = {n: gridmaps.assemble(points, [r[n] for r in rows], geometry.shape)
-             for name in names for n in (name, f"{name}_std")}
+    keys = [n for name in names for n in ((name, f"{name}_std") if std else (name,))]
+    if geometry.kind == "scatter":
+        order = np.argsort(points, kind="stable")
+        return ([points[i] for i in order],
+                {n: np.asarray([rows[i][n] for i in order], float) for n in keys})
+    positions = {k: [r.get(m, np.nan) for r in rows] for k, m in enumerate(geometry.motors)}
+    grids = {n: gridmaps.assemble(points, [r[n] for r in rows], geometry.shape,
+                                  geometry.snaking, positions) for n in keys}
     return points, grids
 
 
@@ -292,13 +353,27 @@ def _voxel_event(images: dict, step: float):
 
 
 def _grid_event(values: dict, rows: list, points: list, geometry: Geometry):
-    """(data keys, data) of one map event: 2D arrays with motor dims plus motor coordinates."""
+    """(data keys, data) of one map event: 2D arrays with motor dims plus motor coordinates
+    (the mean measured position along each grid axis). For a 'scatter' geometry: 1D arrays
+    along ``point`` (the raw seq_num), with every motor's measured position per point."""
+    if geometry.kind == "scatter":
+        by_point = {r["point"]: r for r in rows}
+        n = len(points)
+        keys = {k: layout.array((n,), ("point",)) for k in values}
+        data = dict(values)
+        keys["point"] = layout.array((n,), ("point",))
+        data["point"] = np.asarray(points, float)
+        for motor in geometry.motors:  # coordinates along "point", not values
+            keys[motor] = {**layout.array((n,), ("point",)), "coordinate": True}
+            data[motor] = np.asarray([by_point[p].get(motor, np.nan) for p in points], float)
+        return keys, data
     dims = tuple(geometry.motors)
     keys = {n: layout.array(v.shape, dims) for n, v in values.items()}
     data = dict(values)
+    all_pos = {k: [r.get(m, np.nan) for r in rows] for k, m in enumerate(dims)}
     for axis, motor in enumerate(dims):
-        pos = [r.get(motor, np.nan) for r in rows]
-        data[motor] = gridmaps.axis_coordinate(points, pos, geometry.shape, axis)
+        data[motor] = gridmaps.axis_coordinate(points, all_pos[axis], geometry.shape, axis,
+                                               geometry.snaking, all_pos)
         keys[motor] = layout.array((geometry.shape[axis],), (motor,))
     return keys, data
 
@@ -314,10 +389,47 @@ def default_analyses(rois=None, phases=None, models: dict | None = None) -> list
     from .phases import PhaseQuantification
 
     models = dict(models or {})
+    if "pqnet" in models:  # a model trained with `xrdml train pqnet` says "pqnet"
+        models["pqnet-demo"] = models.pop("pqnet")
     unknown = set(models) - {"braggnn", "pqnet-demo"}
     if unknown:
         raise ValueError(f"no analysis uses model(s) {sorted(unknown)}; "
-                         "known: braggnn, pqnet-demo")
+                         "known: braggnn, pqnet (or pqnet-demo)")
     return [BraggPeaks(weights=models.get("braggnn")),
             RoiIntensities(rois=rois, phases=phases),
             PhaseQuantification(weights=models.get("pqnet-demo"))]
+
+
+def _pqnet(**kwargs):
+    from .phases import PhaseQuantification
+
+    return PhaseQuantification(**kwargs)
+
+
+# analysis name -> factory: what ``XRDMLCallback(analyses=["roi", ...])`` can name
+ANALYSES: dict = {"bragg-peaks": BraggPeaks, "roi": RoiIntensities, "pqnet": _pqnet}
+
+
+def register_analysis(name: str, factory) -> None:
+    """Let ``XRDMLCallback(analyses=[name])`` build an analysis with ``factory()``."""
+    ANALYSES[name] = factory
+
+
+def resolve_analyses(analyses) -> list:
+    """Analysis objects from objects or names (``["bragg-peaks", "roi"]``); a name nobody
+    registered, or an object that is not an analysis, is refused with the valid names."""
+    if isinstance(analyses, str | bytes):
+        analyses = [analyses]
+    out = []
+    for a in analyses:
+        if isinstance(a, str):
+            if a not in ANALYSES:
+                raise ValueError(f"unknown analysis {a!r}; available: {', '.join(ANALYSES)} "
+                                 "(or pass analysis objects, e.g. RoiIntensities(rois=...))")
+            a = ANALYSES[a]()
+        missing = [m for m in ("match", "streams", "analyze", "finish") if not hasattr(a, m)]
+        if missing or not hasattr(a, "name"):
+            raise TypeError(f"{a!r} is not an analysis (it lacks {missing or ['name']}); "
+                            f"pass analysis objects or names: {', '.join(ANALYSES)}")
+        out.append(a)
+    return out

@@ -153,7 +153,7 @@ class PhaseQuantification:
         good, errors = [], []
         for item in items:  # check each so one bad pattern does not sink the batch
             try:
-                good.append((item, check_patterns(item.value, n)[0]))
+                good.append((item, check_patterns(item.value, n, reject_constant=True)[0]))
             except PatternError as err:
                 errors.append((item.point, str(err)))
         # kept for XRD-CT, where they are reconstructed at the stop (the analysis learns the

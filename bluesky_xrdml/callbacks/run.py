@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from urllib.parse import urlparse
 
 import numpy as np
 from event_model import DocumentRouter, compose_run
 
 from .. import __version__, layout
-from .analyzers import Geometry, Item, Route
+from ..external import ExternalDataError, ExternalReader
+from .analyzers import Geometry, Item, Route, _array_shape
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 class RunAnalysis(DocumentRouter):
     """Analysis of one raw run. Created by ``XRDMLCallback`` for each start document."""
 
-    def __init__(self, start: dict, analyses: list, worker, emit, config: dict):
+    def __init__(self, start: dict, analyses: list, worker, emit, config: dict,
+                 reader: ExternalReader | None = None, integration=None):
         super().__init__()
         self.raw_start = start
         self.analyses = analyses
@@ -41,7 +42,11 @@ class RunAnalysis(DocumentRouter):
         self.errors: list[tuple[int, str, str]] = []  # (point, detector, message)
         self.counts: Counter = Counter()  # items analysed per analysis
         self._streams: dict = {}  # analysis stream name -> descriptor bundle
-        self._stream_resources: dict[str, dict] = {}
+        # resources, datums and stream_resources of the run; frames are read from their
+        # files on the worker, when an item needs them
+        self.reader = reader if reader is not None else ExternalReader()
+        # calibrated 2D keys are integrated first; their patterns feed the 1D analyses
+        self.integration = integration
         self._positions: dict[tuple[str, int], dict] = {}
         self.submit("open", None)
 
@@ -55,8 +60,17 @@ class RunAnalysis(DocumentRouter):
     def event_page(self, doc):
         self.submit("data", doc, key=("page", doc["descriptor"]))
 
+    def resource(self, doc):
+        self.submit("external", ("resource", doc))
+
+    def datum(self, doc):
+        self.submit("external", ("datum", doc))
+
+    def datum_page(self, doc):
+        self.submit("external", ("datum_page", doc))
+
     def stream_resource(self, doc):
-        self.submit("stream_resource", doc)
+        self.submit("external", ("stream_resource", doc))
 
     def stream_datum(self, doc):
         self.submit("data", doc, key=("datum", doc["descriptor"]))
@@ -73,8 +87,8 @@ class RunAnalysis(DocumentRouter):
         try:
             if op == "descriptor":
                 self._on_descriptor(doc)
-            elif op == "stream_resource":
-                self._stream_resources[doc["uid"]] = doc
+            elif op == "external":
+                self.reader.consume(*doc)
             elif op == "stop":
                 self._on_stop(doc)
         except Exception as err:
@@ -109,16 +123,37 @@ class RunAnalysis(DocumentRouter):
             # every analysis that can use the key gets it (ROI maps and PQ-Net phase maps
             # of the same patterns, say); a key nobody can use is reported once, with why
             reasons, matched = [], False
-            for analysis in self.analyses:
+            reference = str(data_key.get("external") or "").rstrip(":").upper()
+            analyses, upstream = self.analyses, None
+            if self.integration is not None:
+                context = self.integration.match(key, data_key, doc)
+                if isinstance(context, dict):  # a calibrated 2D key: integrate it, then
+                    upstream = Route(key, self.integration, first=self.integration.name
+                                     not in taken, external=reference == "STREAM",
+                                     context=context, reference=reference,
+                                     shape=_array_shape(data_key))
+                    taken.add(self.integration.name)
+                    routes.append(upstream)
+                    matched = True
+                    # ... route its patterns as a 1D detector's
+                    data_key, doc = self.integration.pattern_descriptor(upstream, doc)
+                elif isinstance(context, str):
+                    reasons.append(f"{self.integration.name}: {context}")
+                    analyses = []  # a calibration was meant: no Bragg peaks on rings
+            for analysis in analyses:
                 context = analysis.match(key, data_key, doc)
                 if isinstance(context, dict):
                     route = Route(key, analysis, first=analysis.name not in taken,
-                                  external="external" in data_key, context=context)
+                                  external=reference == "STREAM" and upstream is None,
+                                  context=context, reference=reference,
+                                  shape=_array_shape(data_key), upstream=upstream)
                     taken.add(analysis.name)
                     routes.append(route)
                     matched = True
                 elif isinstance(context, str):
                     reasons.append(f"{analysis.name}: {context}")
+            if upstream is not None and len(routes) and routes[-1] is upstream:
+                self.ignored[f"{key} (integrated)"] = "; ".join(reasons) or "no 1D analysis"
             if not matched:
                 if key not in self.ignored and key not in self.motors:
                     self.ignored[key] = "; ".join(reasons) or "not a 2D frame or a 1D pattern"
@@ -128,8 +163,9 @@ class RunAnalysis(DocumentRouter):
         if routes:
             self._ensure_started()
             for route in routes:
+                configure = getattr(route.analysis, "configuration", None)
                 for name, keys in route.analysis.streams(route, self.motors).items():
-                    self._declare(name, keys)
+                    self._declare(name, keys, configure(route) if configure else None)
 
     def _remember_positions(self, desc_uid, page):
         for i, seq in enumerate(page["seq_num"]):
@@ -144,8 +180,8 @@ class RunAnalysis(DocumentRouter):
     def _items_from_pages(self, routes, pages) -> dict:
         items = {}
         for route in routes:
-            if route.external:
-                continue  # arrives through stream_datum / is filled by the RunRouter
+            if route.external or route.upstream is not None:
+                continue  # arrives through stream_datum / from the integration of frames
             its = items.setdefault(route, [])
             for page in pages:
                 values = page["data"].get(route.key)
@@ -154,28 +190,41 @@ class RunAnalysis(DocumentRouter):
                         self._record_error(seq, route.key, f"event has no data for {route.key!r} "
                                            "although its descriptor declares it")
                     continue
+                filled = (page.get("filled") or {}).get(route.key)
                 for i, seq in enumerate(page["seq_num"]):
-                    its.append(Item(seq, values[i], self._positions_at(page["descriptor"], seq)))
+                    value = values[i]
+                    if route.reference and isinstance(value, str) and not (
+                            isinstance(filled, list) and filled[i]):
+                        try:  # a datum id: the frame is in a file
+                            value = self.reader.fill(value, ndim=len(route.shape) or None)
+                        except ExternalDataError as err:
+                            self._record_error(seq, route.key, str(err))
+                            continue
+                    its.append(Item(seq, value, self._positions_at(page["descriptor"], seq)))
         return items
 
     def _items_from_stream_datums(self, routes, datums) -> dict:
         items = {}
-        by_key = {r.key: r for r in routes}
+        by_key: dict[str, list] = {}  # every analysis of the key gets the frames
+        for r in routes:
+            if r.upstream is None:
+                by_key.setdefault(r.key, []).append(r)
         for datum in datums:
-            resource = self._stream_resources.get(datum["stream_resource"])
-            if resource is None:
-                self._record_error(-1, "", f"stream_datum refers to unknown stream_resource "
-                                           f"{datum['stream_resource']}")
+            resource = self.reader.stream_resources.get(datum["stream_resource"])
+            key = resource["data_key"] if resource else ""
+            if resource is not None and key not in by_key:
                 continue
-            route = by_key.get(resource["data_key"])
-            if route is None:
-                continue
-            arrays = read_stream_datum(resource, datum)
             seqs = range(datum["seq_nums"]["start"], datum["seq_nums"]["stop"])
-            items.setdefault(route, []).extend(
-                Item(seq, arr, self._positions_at(datum["descriptor"], seq))
-                for seq, arr in zip(seqs, arrays)
-            )
+            try:
+                key, seqs, arrays = self.reader.read_stream_datum(datum)
+            except ExternalDataError as err:
+                for seq in seqs:  # every frame it stood for is recorded as not analysed
+                    self._record_error(seq, key, str(err))
+                continue
+            its = [Item(seq, arr, self._positions_at(datum["descriptor"], seq))
+                   for seq, arr in zip(seqs, arrays)]
+            for route in by_key[key]:
+                items.setdefault(route, []).extend(its)
         return items
 
     def _analyze(self, route, items):
@@ -187,8 +236,18 @@ class RunAnalysis(DocumentRouter):
             self._record_error(point, route.key, message)
         for stream, rows in results.items():
             self._emit_rows(stream, rows)
+        if route.analysis is self.integration:  # the patterns go on to the 1D analyses
+            rows = [r for rs in results.values() for r in rs]
+            patterns = [Item(r["point"], r["intensity"], {m: r[m] for m in self.motors})
+                        for r in rows]
+            for down in self.routes_from(route):
+                self._analyze(down, patterns)
+
+    def routes_from(self, upstream) -> list:
+        return [r for rs in self.routes.values() for r in rs if r.upstream is upstream]
 
     def _on_stop(self, doc):
+        self.reader.close()
         # every analysis adds its maps to one event per stream: same grid, same coordinates
         merged: dict[str, tuple[dict, dict]] = {}
         for routes in self.routes.values():
@@ -223,7 +282,8 @@ class RunAnalysis(DocumentRouter):
         for rs in self.routes.values():
             for r in rs:
                 routes.setdefault(r.key, []).append(r.analysis.name)
-        used = [a for a in self.analyses if any(a.name in names for names in routes.values())]
+        candidates = self.analyses + ([self.integration] if self.integration else [])
+        used = [a for a in candidates if any(a.name in names for names in routes.values())]
         md = layout.start_metadata(
             self.raw_start,
             analyses=[a.name for a in used],
@@ -235,11 +295,12 @@ class RunAnalysis(DocumentRouter):
         self.bundle = compose_run(metadata=md)
         self._emit("start", self.bundle.start_doc)
 
-    def _declare(self, name, data_keys):
+    def _declare(self, name, data_keys, configuration=None):
         if name in self._streams:
             return
         self._ensure_started()
-        self._streams[name] = self.bundle.compose_descriptor(name=name, data_keys=data_keys)
+        self._streams[name] = self.bundle.compose_descriptor(
+            name=name, data_keys=data_keys, configuration=configuration or {})
         self._emit("descriptor", self._streams[name].descriptor_doc)
 
     def _emit_rows(self, stream, rows):
@@ -300,17 +361,3 @@ def _plain(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
-
-
-def read_stream_datum(resource: dict, datum: dict) -> np.ndarray:
-    """The arrays a stream_datum points to: HDF5 datasets (``application/x-hdf5``)."""
-    mimetype = resource.get("mimetype", "")
-    if mimetype != "application/x-hdf5":
-        raise ValueError(f"external data of type {mimetype!r} is not supported (only HDF5)")
-    import h5py
-
-    path = urlparse(resource["uri"]).path
-    dataset = resource["parameters"]["dataset"]
-    start, stop = datum["indices"]["start"], datum["indices"]["stop"]
-    with h5py.File(path, "r", swmr=True) as f:
-        return np.asarray(f[dataset][start:stop])

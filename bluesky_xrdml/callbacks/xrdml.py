@@ -18,7 +18,9 @@ from collections import deque
 
 from event_model import RunRouter
 
-from .analyzers import default_analyses
+from ..external import ExternalReader
+from .analyzers import default_analyses, resolve_analyses
+from .integration import PowderIntegration
 from .run import RunAnalysis
 from .worker import BackgroundSink, Worker
 
@@ -45,21 +47,45 @@ class XRDMLCallback(RunRouter):
     batch_size : int
         Most items the worker hands to an analysis at once.
     handler_registry : dict, optional
-        Passed to ``RunRouter`` to fill old-style resource/datum external data.
+        spec -> handler class for old-style ``resource``/``datum`` external data, added to
+        the defaults (``AD_HDF5``, ``AD_HDF5_SWMR``, ``AD_TIFF`` from
+        area-detector-handlers, ``NPY_SEQ`` from ophyd). Frames are read from their files
+        on the worker thread (``bluesky_xrdml.external.ExternalReader``), never on the
+        RunEngine's; ``stream_resource``/``stream_datum`` data are read by mimetype.
+    root_map : dict, optional
+        Resource ``root`` -> where those files are on this machine.
+    external_timeout : float
+        Seconds a frame whose file is missing or not yet flushed is retried before it is
+        recorded as an error (the analysis run then ends with ``exit_status="fail"``).
+    calibrations : dict, optional
+        2D data key -> pyFAI calibration (a PONI file path, a dict of PONI values or an
+        integrator). Such keys are azimuthally integrated (stream ``integrated``) and the
+        patterns go to the 1D analyses (ROI, PQ-Net) instead of the Bragg-peak analysis.
+        A ``*poni`` entry in a detector's configuration does the same. ``integration=``
+        takes a ``PowderIntegration`` to set the 2θ grid (``npt``, ``radial_range``).
     """
 
     def __init__(self, analyses=None, *, rois=None, phases=None, models=None,
-                 queue_size: int = 256, batch_size: int = 64, handler_registry=None):
-        self.analyses = (list(analyses) if analyses is not None
+                 queue_size: int = 256, batch_size: int = 64, handler_registry=None,
+                 root_map=None, external_timeout: float = 10.0, calibrations=None,
+                 integration=None):
+        self.analyses = (resolve_analyses(analyses) if analyses is not None
                          else default_analyses(rois, phases, models))
         self.worker = Worker(maxsize=queue_size, batch_size=batch_size)
         self.config = {"queue_size": queue_size, "batch_size": batch_size}
+        self.integration = integration or PowderIntegration(calibrations)
+        if integration is not None and calibrations:
+            self.integration.calibrations.update(calibrations)
+        self._external = {"handler_registry": dict(handler_registry or {}),
+                          "root_map": dict(root_map or {}), "timeout": external_timeout}
         self._sinks: dict[int, object] = {}
         self._tokens = itertools.count()
         self.runs: deque[RunAnalysis] = deque(maxlen=100)
         self.sink_errors = 0
         self.dispatch_errors = 0
-        super().__init__([self._factory], handler_registry=handler_registry)
+        # no handler_registry for RunRouter: its Filler would read files on the RunEngine's
+        # thread; ours reads them on the worker (RunAnalysis.reader)
+        super().__init__([self._factory])
 
     def __call__(self, name, doc, validate=False):
         try:
@@ -69,7 +95,9 @@ class XRDMLCallback(RunRouter):
             logger.exception("xrdml: could not route a %r document; the scan goes on", name)
 
     def _factory(self, name, start_doc):
-        run = RunAnalysis(start_doc, self.analyses, self.worker, self._emit, self.config)
+        run = RunAnalysis(start_doc, self.analyses, self.worker, self._emit, self.config,
+                          reader=ExternalReader(**self._external),
+                          integration=self.integration)
         self.runs.append(run)
         return [run], []
 

@@ -2,7 +2,8 @@
 
 from .area import BraggSpotDetector
 from .beamline import sim_beamline
+from .files import HDF5AreaDetector
 from .powder import PowderDetector
 from .signals import ArraySignal
 
-__all__ = ["ArraySignal", "BraggSpotDetector", "PowderDetector", "sim_beamline"]
+__all__ = ["ArraySignal", "BraggSpotDetector", "HDF5AreaDetector", "PowderDetector", "sim_beamline"]

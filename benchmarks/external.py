@@ -1,0 +1,143 @@
+"""Frames/s of the live analysis for 2048² ring frames inline vs in an HDF5 file
+(resource/datum, spec AD_HDF5), and pyFAI integration speed, in one run.
+
+    .venv/bin/python benchmarks/external.py [--frames 40] [--threads 2]
+
+Targets (issue 9): integration ≥ 20 frames/s on 2 cores; reading the frames from files
+costs no more than 20 % over inline frames. The machine is shared: the load average is
+printed with every figure, and the external/inline ratio is the figure to trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+from event_model import compose_resource, compose_run
+
+from bluesky_xrdml.analysis.integrate import PowderIntegrator, ring_frame
+from bluesky_xrdml.callbacks import PowderIntegration, XRDMLCallback
+
+SHAPE = (2048, 2048)
+PONI = {"dist": 0.25, "poni1": 2048 * 75e-6 / 2, "poni2": 2048 * 75e-6 / 2,
+        "wavelength": 0.4066e-10, "detector": "Detector",
+        "detector_config": {"pixel1": 75e-6, "pixel2": 75e-6, "max_shape": list(SHAPE)}}
+
+
+def frames(n: int, seed: int = 0) -> np.ndarray:
+    from pyFAI.integrator.azimuthal import AzimuthalIntegrator
+
+    ai = AzimuthalIntegrator()
+    ai.set_config(PONI)
+    tt = np.linspace(0, 25, 5000)
+    pattern = 20 + sum(800 * np.exp(-0.5 * ((tt - c) / 0.03) ** 2) for c in (7.4, 8.6, 12.2, 14.3))
+    expected = ring_frame(ai, tt, pattern, SHAPE)
+    rng = np.random.default_rng(seed)
+    base = rng.poisson(expected).astype(np.uint32)
+    # a few distinct frames, cycled: the analysis does not cache by content
+    return np.stack([np.roll(base, k, axis=1) for k in range(min(n, 4))])
+
+
+def run_callback(docs) -> float:
+    cb = XRDMLCallback(analyses=[], calibrations={"det_image": PONI},
+                       integration=PowderIntegration(npt=2000))
+    out = []
+    cb.subscribe(lambda name, doc: out.append((name, doc)))
+    t0 = time.perf_counter()
+    for name, doc in docs():
+        cb(name, doc)
+    cb.wait()
+    elapsed = time.perf_counter() - t0
+    stop = [d for n, d in out if n == "stop"][0]
+    assert stop["exit_status"] == "success", stop["reason"]
+    return elapsed
+
+
+def inline_docs(stack, n):
+    def docs():
+        run = compose_run()
+        key = {"source": "sim", "dtype": "array", "shape": list(SHAPE), "dtype_numpy": "<u4"}
+        desc = run.compose_descriptor(name="primary", data_keys={"det_image": key})
+        yield "start", run.start_doc
+        yield "descriptor", desc.descriptor_doc
+        for i in range(n):
+            yield "event", desc.compose_event(data={"det_image": stack[i % len(stack)]},
+                                              timestamps={"det_image": time.time()},
+                                              seq_num=i + 1, validate=False)
+        yield "stop", run.compose_stop()
+    return docs
+
+
+def external_docs(stack, n, folder: Path):
+    path = folder / "frames.h5"
+    with h5py.File(path, "w") as f:
+        ds = f.create_dataset("/entry/data/data", shape=(n, *SHAPE), dtype=stack.dtype,
+                              chunks=(1, *SHAPE))
+        for i in range(n):
+            ds[i] = stack[i % len(stack)]
+
+    def docs():
+        run = compose_run()
+        key = {"source": "sim", "dtype": "array", "shape": list(SHAPE), "dtype_numpy": "<u4",
+               "external": "FILESTORE:"}
+        desc = run.compose_descriptor(name="primary", data_keys={"det_image": key})
+        res = compose_resource(spec="AD_HDF5", root=str(folder), resource_path=path.name,
+                               resource_kwargs={"frame_per_point": 1}, start=run.start_doc)
+        yield "start", run.start_doc
+        yield "descriptor", desc.descriptor_doc
+        yield "resource", res.resource_doc
+        for i in range(n):
+            datum = res.compose_datum(datum_kwargs={"point_number": i})
+            yield "datum", datum
+            yield "event", desc.compose_event(data={"det_image": datum["datum_id"]},
+                                              timestamps={"det_image": time.time()},
+                                              seq_num=i + 1, validate=False)
+        yield "stop", run.compose_stop()
+    return docs
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--frames", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    n = args.frames
+    stack = frames(n)
+
+    integ = PowderIntegrator(PONI, npt=2000)
+    t0 = time.perf_counter()
+    integ.integrate(stack[0])
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(n):
+        integ.integrate(stack[i % len(stack)])
+    rate = n / (time.perf_counter() - t0)
+    print(f"pyFAI integration of {SHAPE[0]}x{SHAPE[1]} frames (CSR, {args.threads} threads): "
+          f"{rate:.1f} frames/s ({1000 / rate:.1f} ms/frame; first frame incl. CSR table "
+          f"{first:.2f} s); target >= 20 frames/s  load {os.getloadavg()[0]:.2f}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ext_docs = external_docs(stack, n, Path(tmp))
+        inl_docs = inline_docs(stack, n)
+        run_callback(inline_docs(stack, 2))  # warm-up: imports, first CSR table
+        t_inline = run_callback(inl_docs)
+        t_external = run_callback(ext_docs)
+        t_inline2 = run_callback(inl_docs)  # again: the load changes while we measure
+    t_in = min(t_inline, t_inline2)
+    print(f"callback, inline events:        {n / t_in:.1f} frames/s  "
+          f"load {os.getloadavg()[0]:.2f}")
+    print(f"callback, AD_HDF5 resource/datum: {n / t_external:.1f} frames/s  "
+          f"load {os.getloadavg()[0]:.2f}")
+    overhead = t_external / t_in - 1
+    print(f"reading from files costs {100 * overhead:+.1f} % over inline "
+          f"(target <= +20 %): {'met' if overhead <= 0.2 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
