@@ -237,3 +237,4 @@ def test_train_from_archived_runs_through_the_cli(tiled_client, RE, tmp_path, mo
                                         1.5406)["vaw"].shape == (2, 256)
     bad = CliRunner().invoke(app, [*args[:-4], "--pattern", "nope"])
     assert bad.exit_code != 0 and "nope" in bad.output
+

@@ -40,7 +40,7 @@ MODES = ("charge", "discharge")
 
 DEFAULT_ARCH = {
     "channels": 32,
-    "kernels": [3, 5, 7, 9, 3, 5, 7, 9, 3, 5],  # ten layers, four kernel sizes
+    "kernels": [1, 3, 5, 7, 1, 3, 5, 7, 1, 3],  # ten layers, four kernel sizes
     "batchnorm_layer": 7,  # 1-based
     "query_layer": 6,
     "key_layer": 10,

@@ -321,19 +321,37 @@ def train(data: Dataset, out: str | Path, *, q_range, wavelength: float, two_the
 
 # --- data sources ----------------------------------------------------------------------
 def simulated_dataset(cycles: int = 10, rates=(1.0, 0.2), *, interval: float = 60.0,
-                      seed: int = 0, settings=None, q_range=None, first_cycle: int = 0):
+                      seed: int = 0, settings=None, q_range=None, first_cycle: int = 0,
+                      fwhm_range: tuple[float, float] | None = None):
     """(dataset, run) of ``cycles`` simulated cycles; ``q_range`` defaults to the Q span of
-    the detector's 2θ grid."""
-    from ..simulation.operando import simulate_run
+    the detector's 2θ grid. ``fwhm_range`` (degrees): each cycle gets its own instrumental
+    FWHM, log-uniform in that range (instruments differ; a model should not read the
+    C-rate from the instrument's resolution)."""
+    import dataclasses
 
-    run = simulate_run(cycles, rates, interval=interval, seed=seed, settings=settings,
-                       first_cycle=first_cycle)
+    from ..simulation.operando import PatternSettings, cycling_protocol, simulate_run
+
+    all_rates = sorted(set(map(float, _flat(rates))), reverse=True)
+    if fwhm_range is None:
+        run = simulate_run(cycles, rates, interval=interval, seed=seed, settings=settings,
+                           first_cycle=first_cycle)
+    else:
+        rng = np.random.default_rng(seed + 31)
+        base = settings or PatternSettings()
+        parts = []
+        for i, pair in enumerate(cycling_protocol(cycles, rates)):
+            fwhm = float(np.exp(rng.uniform(*np.log(fwhm_range))))
+            parts.append(simulate_run(1, [pair], interval=interval, seed=seed + 101 * i,
+                                      settings=dataclasses.replace(base, instrument_fwhm=fwhm),
+                                      first_cycle=first_cycle + i))
+        run = dataclasses.replace(parts[0], **{
+            k: np.concatenate([getattr(p, k) for p in parts])
+            for k in ("patterns", "voltage", "mode", "rate", "cycle", "time", "soc")})
     if q_range is None:
         q = am.q_of(run.two_theta[[0, -1]], run.wavelength)
         q_range = (float(q[0]), float(q[1]))
     data = make_dataset(run.patterns, run.two_theta, run.wavelength, run.voltage, run.mode,
-                        run.rate, run.cycle, q_range, rates=sorted(set(map(float, _flat(rates))),
-                                                                   reverse=True))
+                        run.rate, run.cycle, q_range, rates=all_rates)
     return data, run, q_range
 
 
@@ -448,7 +466,10 @@ def train_attention_command(
     rates: Annotated[str, typer.Option(help="simulated C-rates per cycle, comma-separated "
                                        "(--simulate)")] = "1,0.2",
     interval: Annotated[float, typer.Option(help="simulated seconds between patterns")] = 60.0,
-    epochs: Annotated[int, typer.Option(help="passes over the training cycles")] = 40,
+    fwhm: Annotated[str, typer.Option(
+        help="simulated instrumental FWHM in degrees: one value, or MIN,MAX for a different "
+             "one per cycle (log-uniform)")] = "0.08",
+    epochs: Annotated[int, typer.Option(help="passes over the training cycles")] = 25,
     minutes: Annotated[float | None, typer.Option(help="stop after this many minutes")] = None,
     batch: Annotated[int, typer.Option(help="patterns per step")] = 64,
     validation_cycles: Annotated[int, typer.Option(help="cycles held out")] = 2,
@@ -468,12 +489,19 @@ def train_attention_command(
             raise ValueError("choose one: --simulate or --from-runs UID [UID ...]")
         if simulate:
             rate_list = [float(r) for r in rates.split(",") if r.strip()]
+            widths = [float(w) for w in fwhm.split(",") if w.strip()]
+            if len(widths) not in (1, 2) or min(widths) <= 0:
+                raise ValueError(f"--fwhm {fwhm!r}: one width or MIN,MAX in degrees, > 0")
             console.print(f"simulating {cycles} cycles at {rate_list} C …")
-            data, run, q_range = simulated_dataset(cycles, rate_list, interval=interval,
-                                                   seed=seed)
+            from ..simulation.operando import PatternSettings
+
+            data, run, q_range = simulated_dataset(
+                cycles, rate_list, interval=interval, seed=seed,
+                settings=PatternSettings(instrument_fwhm=widths[0]),
+                fwhm_range=tuple(widths) if len(widths) == 2 else None)
             tt, wl = run.two_theta, run.wavelength
             source = {"simulated": {"cycles": cycles, "rates": rate_list, "interval_s": interval,
-                                    "seed": seed}}
+                                    "seed": seed, "instrument_fwhm_deg": widths}}
         else:
             if not catalog_uri:
                 raise ValueError("--from-runs needs --catalog URI (the Tiled server of the runs)")
