@@ -238,3 +238,16 @@ def test_train_from_archived_runs_through_the_cli(tiled_client, RE, tmp_path, mo
     bad = CliRunner().invoke(app, [*args[:-4], "--pattern", "nope"])
     assert bad.exit_code != 0 and "nope" in bad.output
 
+
+def test_shipped_demo_model_follows_a_fresh_cycle():
+    model = load_model("attention-demo")
+    assert model.card["name"] == "attention-demo" and model.rate_labels == ["1C", "0.2C"]
+    assert (am.SHIPPED.stat().st_size + am.SHIPPED.with_suffix(".json").stat().st_size) < 5e6
+    run = simulate_run(1, [(1.0, 0.2)], interval=300.0, seed=77)  # a rate mix never trained on
+    pred = model.predict(run.patterns, run.two_theta, run.wavelength)
+    err = np.abs(pred["voltage"] - run.voltage)
+    chance = np.abs(run.voltage - run.voltage.mean()).mean()
+    assert err.mean() < 0.1 * chance, (err.mean(), chance)
+    assert np.mean(pred["mode"].argmax(1) == (run.mode == "discharge")) > 0.9
+    assert np.mean(pred["rate"].argmax(1) == (run.rate == 0.2)) > 0.9
+    assert 0.6 < np.mean(err <= 2 * pred["voltage_std"]) <= 1.0
