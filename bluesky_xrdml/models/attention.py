@@ -40,7 +40,9 @@ MODES = ("charge", "discharge")
 
 DEFAULT_ARCH = {
     "channels": 32,
-    "kernels": [1, 3, 5, 7, 1, 3, 5, 7, 1, 3],  # ten layers, four kernel sizes
+    # ten layers, four kernel sizes: small ones up to the query (layer 6 sees ±3 bins, so the
+    # VAW says where), wider ones after it (keys and values see ±13 bins of context)
+    "kernels": [1, 3, 1, 3, 1, 3, 5, 7, 5, 7],
     "batchnorm_layer": 7,  # 1-based
     "query_layer": 6,
     "key_layer": 10,
