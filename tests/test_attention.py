@@ -218,11 +218,12 @@ def test_train_from_archived_runs_through_the_cli(tiled_client, RE, tmp_path, mo
     RE.subscribe(writer)
     cell = BatteryCell(name="cell", seed=8)
     det = OperandoDetector(name="operando", cell=cell, seed=8)
-    (uid,) = RE(operando(cell, det, 3, [1.0, 0.2], interval=700))
+    (uid,) = RE(operando(cell, det, 2, [1.0, 0.2], interval=700))
+    (uid2,) = RE(operando(cell, det, 1, [1.0], interval=700))
     assert writer.join(60)
     monkeypatch.setenv("TILED_API_KEY", tiled_client.context.api_key or "")
     out = tmp_path / "mine.safetensors"
-    args = ["train", "attention", "--from-runs", uid, "--catalog", tiled_client.uri,
+    args = ["train", "attention", "--from-runs", uid, uid2, "--catalog", tiled_client.uri,
             "--pattern", "operando_pattern", "--voltage", "cell_voltage", "--mode",
             "cell_mode", "--rate", "cell_rate", "--out", str(out), "--epochs", "1",
             "--threads", "1"]
@@ -230,7 +231,7 @@ def test_train_from_archived_runs_through_the_cli(tiled_client, RE, tmp_path, mo
     assert result.exit_code == 0, result.output
     assert "held-out cycles" in result.output
     card = json.loads(out.with_suffix(".json").read_text())
-    assert card["training"]["source"]["runs"] == [uid]
+    assert card["training"]["source"]["runs"] == [uid, uid2]
     assert card["rates"] == [1.0, 0.2] and card["wavelength"] == pytest.approx(1.5406)
     assert len(card["training"]["validation_cycles"]) == 2
     assert load_model(str(out)).predict(np.ones((2, 1301)), np.linspace(16, 42, 1301),

@@ -446,8 +446,10 @@ def train_attention_command(
     simulate: Annotated[bool, typer.Option(
         "--simulate", help="train on simulated NMC | graphite cycling")] = False,
     from_runs: Annotated[list[str] | None, typer.Option(
-        "--from-runs", help="uid of an archived operando run (repeatable; or several uids "
-                            "after one --from-runs)")] = None,
+        "--from-runs", help="uid of an archived operando run; further uids may follow it "
+                            "(--from-runs UID [UID ...])")] = None,
+    more_uids: Annotated[list[str] | None, typer.Argument(
+        metavar="[UID ...]", help="further run uids for --from-runs", show_default=False)] = None,
     catalog_uri: Annotated[str | None, typer.Option(
         "--catalog", help="Tiled URI of the runs' catalog (API key from $TILED_API_KEY)")] = None,
     pattern: Annotated[str, typer.Option(help="data key of the 1D pattern")] = "operando_pattern",
@@ -487,6 +489,8 @@ def train_attention_command(
     try:
         if simulate == bool(from_runs):
             raise ValueError("choose one: --simulate or --from-runs UID [UID ...]")
+        if more_uids and not from_runs:
+            raise ValueError(f"unexpected argument(s) {more_uids}: uids follow --from-runs")
         if simulate:
             rate_list = [float(r) for r in rates.split(",") if r.strip()]
             widths = [float(w) for w in fwhm.split(",") if w.strip()]
@@ -505,7 +509,8 @@ def train_attention_command(
         else:
             if not catalog_uri:
                 raise ValueError("--from-runs needs --catalog URI (the Tiled server of the runs)")
-            uids = [u for arg in from_runs for u in arg.replace(",", " ").split()]
+            uids = [u for arg in [*from_runs, *(more_uids or [])]
+                    for u in arg.replace(",", " ").split()]
             y, tt, wl, v, m, r, c = runs_dataset(
                 catalog_uri, uids, pattern=pattern, voltage=voltage, mode=mode, rate=rate,
                 cycle=cycle, two_theta=parse_two_theta(two_theta), wavelength=wavelength,
