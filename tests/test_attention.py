@@ -148,7 +148,7 @@ def test_input_is_in_q_so_another_wavelength_reads_the_same(tiny):
     x = {wl: model.prepare(r.patterns, r.two_theta, wl) for wl, r in runs.items()}
     # same states, nearly noise-free: the network's inputs agree across wavelengths
     assert np.abs(x[1.5406] - x[0.7093]).max() < 0.15
-    # and the peaks that move are where moving_peaks says, at each wavelength
+    # and Al 111 sits where moving_peaks puts it at this wavelength
     pk = moving_peaks(runs[0.7093].soc[:1], 0.7093)["Al 111"][0]
     tt = model.vaw_two_theta(0.7093)
     assert tt[np.argmax(x[0.7093][0] * (np.abs(tt - pk) < 0.5))] == pytest.approx(pk, abs=0.1)
