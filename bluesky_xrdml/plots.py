@@ -112,3 +112,76 @@ def save_figures(client, analysis_run, out_dir) -> list:
                                 title=f"raw run {raw_uid[:8]}, frame {first}: "
                                       f"{(table['frame'] == first).sum()} peaks"))
     return [str(p) for p in paths]
+
+
+def plot_operando(rows: list, x, measured: dict, time: dict, vaw_two_theta, rate_labels,
+                  out_dir, tag: str = "") -> list:
+    """The operando attention analysis of one run, like Kano et al.'s figures: (1) predicted
+    voltage ± 2σ vs the measured voltage over time, with mode and rate probabilities;
+    (2) the patterns as an image (time × 2θ, on the model's grid) with the VAW beside it.
+    ``rows``: the ``operando`` stream's rows (with ``vaw``); ``x``: the model inputs (N, 256)
+    in the same order; ``measured``/``time``: point -> value. Returns the two paths."""
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    order = np.argsort([r["point"] for r in rows], kind="stable")
+    rows = [rows[i] for i in order]
+    x = np.asarray(x)[order]
+    points = np.array([r["point"] for r in rows])
+    has_time = all(p in time for p in points)
+    t = np.array([time[p] / 3600 for p in points]) if has_time else points
+    t_label = "cell time (h)" if has_time else "pattern (event seq_num)"
+    v = np.array([r["voltage"] for r in rows])
+    s = np.array([r["voltage_std"] for r in rows])
+
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 1.3]},
+                                  constrained_layout=True)
+    ax.fill_between(t, v - 2 * s, v + 2 * s, color="tab:blue", alpha=0.25, lw=0,
+                    label="predicted ± 2σ")
+    ax.plot(t, v, color="tab:blue", lw=1, label="predicted")
+    known = [i for i, p in enumerate(points) if p in measured]
+    if known:
+        vm = np.array([measured[points[i]] for i in known])
+        ax.plot(t[known], vm, "k.", ms=2, label="measured")
+        mae = float(np.mean(np.abs(v[known] - vm)))
+        ax.set_title(f"cell voltage: predicted vs measured (MAE {1000 * mae:.1f} mV)")
+    else:
+        ax.set_title("predicted cell voltage")
+    ax.set_ylabel("voltage (V)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax2.plot(t, [r["p_charge"] for r in rows], label="P(charge)", lw=1)
+    for label in rate_labels:
+        key = "p_rate_" + label.replace(".", "p")
+        ax2.plot(t, [r[key] for r in rows], lw=1, label=f"P({label})")
+    ax2.set_ylim(-0.05, 1.05)
+    ax2.set_xlabel(t_label)
+    ax2.legend(loc="center right", fontsize=7, ncol=len(rate_labels) + 1)
+    p1 = out_dir / f"operando_voltage_{tag}.png"
+    fig.savefig(p1, dpi=110)
+    plt.close(fig)
+
+    vaw = np.array([r["vaw"] for r in rows])
+    tt = np.asarray(vaw_two_theta, float)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 5), sharey=True, constrained_layout=True,
+                             gridspec_kw={"width_ratios": [3, 3, 2]})
+    extent = [tt[0], tt[-1], t[-1], t[0]]
+    im = axes[0].imshow(x, aspect="auto", extent=extent, cmap="viridis")
+    axes[0].set_title("patterns (min-max scaled, model grid)")
+    axes[0].set_xlabel("2θ (°)")
+    axes[0].set_ylabel(t_label)
+    fig.colorbar(im, ax=axes[0], shrink=0.7)
+    im = axes[1].imshow(vaw, aspect="auto", extent=extent, cmap="magma")
+    axes[1].set_title("visualised attention weight (VAW)")
+    axes[1].set_xlabel("2θ (°)")
+    fig.colorbar(im, ax=axes[1], shrink=0.7)
+    axes[2].plot(v, t, lw=1, label="predicted")
+    if known:
+        axes[2].plot(vm, t[known], "k.", ms=2, label="measured")
+    axes[2].set_xlabel("voltage (V)")
+    axes[2].legend(fontsize=8)
+    p2 = out_dir / f"operando_vaw_{tag}.png"
+    fig.savefig(p2, dpi=110)
+    plt.close(fig)
+    return [str(p1), str(p2)]

@@ -2,6 +2,8 @@
 
 from .analyzers import BraggPeaks, RoiIntensities, default_analyses
 from .integration import PowderIntegration
+from .operando import OperandoAttention
 from .xrdml import XRDMLCallback
 
-__all__ = ["BraggPeaks", "PowderIntegration", "RoiIntensities", "XRDMLCallback", "default_analyses"]
+__all__ = ["BraggPeaks", "OperandoAttention", "PowderIntegration", "RoiIntensities",
+           "XRDMLCallback", "default_analyses"]

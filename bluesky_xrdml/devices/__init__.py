@@ -1,9 +1,13 @@
-"""Simulated ophyd hardware for demos and tests: a sample stage and two detectors."""
+"""Simulated ophyd hardware for demos and tests: a sample stage and two detectors; a
+cycling battery cell and the powder detector that looks through it."""
 
 from .area import BraggSpotDetector
 from .beamline import sim_beamline
+from .cell import BatteryCell
 from .files import HDF5AreaDetector
+from .operando import OperandoDetector
 from .powder import PowderDetector
 from .signals import ArraySignal
 
-__all__ = ["ArraySignal", "BraggSpotDetector", "HDF5AreaDetector", "PowderDetector", "sim_beamline"]
+__all__ = ["ArraySignal", "BatteryCell", "BraggSpotDetector", "HDF5AreaDetector",
+           "OperandoDetector", "PowderDetector", "sim_beamline"]

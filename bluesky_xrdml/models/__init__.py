@@ -22,6 +22,8 @@ def register(name: str, module: str) -> None:
 register("braggnn", "bluesky_xrdml.models.braggnn")
 register("pqnet-demo", "bluesky_xrdml.models.pqnet")
 register("pqnet", "bluesky_xrdml.models.pqnet")  # what a trained model's card says
+register("attention-demo", "bluesky_xrdml.models.attention")
+register("attention", "bluesky_xrdml.models.attention")  # the name in its cards
 
 
 def load_model(name: str, path: str | Path | None = None, device: str = "auto"):

@@ -117,3 +117,7 @@ def braggnn(
 from .pqnet import train_pqnet_command  # noqa: E402
 
 train_app.command("pqnet")(train_pqnet_command)
+
+from .attention import train_attention_command  # noqa: E402
+
+train_app.command("attention")(train_attention_command)
