@@ -21,6 +21,7 @@ def register(name: str, module: str) -> None:
 
 register("braggnn", "bluesky_xrdml.models.braggnn")
 register("pqnet-demo", "bluesky_xrdml.models.pqnet")
+register("structure", "bluesky_xrdml.models.structure")
 
 
 def load_model(name: str, path: str | Path | None = None, device: str = "auto"):

@@ -117,3 +117,7 @@ def braggnn(
 from .pqnet import train_pqnet_command  # noqa: E402
 
 train_app.command("pqnet")(train_pqnet_command)
+
+from .structure import train_structure_command  # noqa: E402
+
+train_app.command("structure")(train_structure_command)
