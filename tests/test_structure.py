@@ -37,7 +37,7 @@ def protos():
 
 
 @pytest.fixture(scope="module")
-def tiny(protos, tmp_path_factory):
+def tiny_path(protos, tmp_path_factory):
     """A tiny model trained on the prototypes (weights + card on disk)."""
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -54,7 +54,12 @@ def tiny(protos, tmp_path_factory):
                  {"model": "structure", "name": "structure-tiny", "version": "0",
                   "architecture": net.arch, "temperature": {"chemistry": 1.0,
                                                             "pattern_only": 1.0}})
-    return load_model(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path):
+    return load_model(str(tiny_path))
 
 
 def test_generator_is_reproducible_and_symmetric():
@@ -199,3 +204,42 @@ def _set(sig, value):
 
     sig.put(value)
     yield from null()
+
+
+def test_finetune_on_labelled_patterns_improves_them(tiny, tiny_path, protos, tmp_path):
+    # "measured" patterns of a wurtzite at Cu Kα, labelled 186, as a run would hold them
+    i = int(np.nonzero(protos.source == "wurtzite")[0][0])
+    q = tiny.q
+    y, _ = cr.render(protos, np.full(12, i), np.random.default_rng(3), q)
+    wl = 1.5406
+    ok = q * wl / (4 * np.pi) < 0.99
+    tt = np.degrees(2 * np.arcsin(q[ok] * wl / (4 * np.pi)))
+    runs = [{"uid": "run-1", "patterns": y[:, ok] * 500 + 20, "two_theta": tt,
+             "wavelength": wl, "space_group": 186, "composition": "ZnO"}]
+    torch.manual_seed(0)
+    card = ts.finetune(runs, tmp_path / "ft", base=tiny_path, steps=30, lr=1e-3,
+                       simulated=protos, progress=False, log=lambda *a: None)
+    m = card["finetune"]["on_the_runs_themselves"]
+    assert m["after"]["space_group_top1"] >= m["before"]["space_group_top1"]
+    assert m["after"]["space_group_top1"] > 0.5
+    assert (tmp_path / "ft.png").exists()
+    assert load_model(str(tmp_path / "ft.safetensors")).card["finetune"]["runs"] == ["run-1"]
+
+
+def test_train_command_writes_weights_card_and_curve(protos, tmp_path):
+    from typer.testing import CliRunner
+
+    from bluesky_xrdml.cli import app
+
+    protos.subset(np.arange(20)).save(tmp_path / "cache" / "seed0" / "chunk00000-100.npz")
+    out = tmp_path / "s.safetensors"
+    res = CliRunner().invoke(app, ["train", "structure", "--structures", "20", "--cache",
+                                   str(tmp_path / "cache"), "--steps", "6", "--batch", "4",
+                                   "--threads", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["model"] == "structure" and card["data"]["structures"] == 20
+    assert set(card["temperature"]) == {"chemistry", "pattern_only"}
+    assert out.with_suffix(".png").exists()
+    assert load_model(str(out)).predict(np.ones(300), np.linspace(5, 80, 300), 1.54)[
+        "space_group"].shape == (1, 230)

@@ -390,10 +390,10 @@ def generate(n: int, seed: int = 0, directory: str | Path | None = None, chunk: 
             break
         crystals = [c for i in range(c0, min(c0 + chunk, n))
                     if (c := make_crystal(seed, i)) is not None]
-        part = CrystalSet.from_crystals(crystals)
+        block = CrystalSet.from_crystals(crystals)
         if c0 + chunk <= n:  # only whole chunks are cached
-            part.save(path)
-        sets.append(part)
+            block.save(path)
+        sets.append(block)
         if log:
             done = min(c0 + chunk, n)
             log(f"structures {done}/{n}: {len(crystals)} of {min(chunk, n - c0)} kept, "

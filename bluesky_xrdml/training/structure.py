@@ -206,13 +206,24 @@ def fit(net: st.StructureNet, batches, n_steps: int, *, lr: float = 2e-3,
 
 
 def simulated_batches(cs: cr.CrystalSet, train_idx: np.ndarray, batch: int, seed: int,
-                      q: np.ndarray):
-    """Endless batches of freshly augmented training structures (epochs of shuffles)."""
+                      q: np.ndarray, refresh=None, state: dict | None = None):
+    """Endless batches of freshly augmented training structures (epochs of shuffles).
+
+    ``refresh``: a callable returning the structure set anew, called before every epoch
+    (train on a cache that another process is still filling); the set in use is kept
+    in ``state["cs"]``."""
     rng = np.random.default_rng(seed)
+    state = state if state is not None else {}
+    state["cs"] = cs
     while True:
+        if refresh is not None:
+            new = refresh()
+            if len(new) > len(state["cs"]):
+                state["cs"] = new
+                train_idx = new.split()["train"]
         order = rng.permutation(train_idx)
         for s in range(0, len(order) - batch + 1, batch):
-            yield inputs(cs, order[s:s + batch], rng, q)
+            yield inputs(state["cs"], order[s:s + batch], rng, q)
 
 
 def plot_history(history: list[dict], path: Path, title: str, val: dict | None = None) -> Path:
@@ -249,10 +260,10 @@ def train(cs: cr.CrystalSet, out: str | Path, *, steps: int = 4000, batch: int =
           lr: float = 2e-3, minutes: float | None = None, seed: int = 0,
           arch: dict | None = None, name: str = "structure", version: str = "1.0",
           data: dict | None = None, log=print, progress: bool = True,
-          n_validation: int = 2000) -> dict:
+          n_validation: int = 2000, refresh=None) -> dict:
     """Train on ``cs`` (families split into train / validation / test), calibrate the
     temperatures on the validation families, write weights + card + loss curve PNG at
-    ``out``. Returns the card."""
+    ``out``. ``refresh``: see ``simulated_batches``. Returns the card."""
     out = Path(out).with_suffix(".safetensors")
     split = cs.split()
     if len(split["train"]) < batch:
@@ -265,9 +276,14 @@ def train(cs: cr.CrystalSet, out: str | Path, *, steps: int = 4000, batch: int =
         f"{len(split['train'])} train, {len(split['validation'])} validation, "
         f"{len(split['test'])} test")
     t0 = time.monotonic()
-    history = fit(net, simulated_batches(cs, split["train"], batch, seed, q), steps, lr=lr,
-                  minutes=minutes, log=log, progress=progress)
+    state: dict = {}
+    history = fit(net, simulated_batches(cs, split["train"], batch, seed, q, refresh, state),
+                  steps, lr=lr, minutes=minutes, log=log, progress=progress)
     train_s = time.monotonic() - t0
+    if len(state["cs"]) > len(cs):
+        cs, split = state["cs"], state["cs"].split()
+        log(f"the cache grew during training: {len(cs)} structures, {len(split['train'])} "
+            "train")
     val_idx = split["validation"][:n_validation]
     val = fixed_set(cs, val_idx, seed + 1, q)
     temperature = {}
@@ -423,6 +439,8 @@ def train_structure_command(
     base: Annotated[Path | None, typer.Option(
         help="weights to fine-tune (default: the shipped ones)")] = None,
     seed: Annotated[int, typer.Option(help="random seed (structures and training)")] = 0,
+    follow_cache: Annotated[bool, typer.Option(
+        help="re-read the structure cache every epoch (another process is filling it)")] = False,
     threads: Annotated[int, typer.Option(help="CPU threads for torch")] = 2,
     version: Annotated[str, typer.Option(help="version recorded in the model card")] = "1.0",
 ):
@@ -469,7 +487,8 @@ def train_structure_command(
         try:
             card = train(cs, out, steps=steps, batch=batch, lr=lr, minutes=minutes, seed=seed,
                          version=version, log=console.print, progress=progress,
-                         data={"seed": seed, "requested": structures})
+                         data={"seed": seed, "requested": structures},
+                         refresh=(lambda: cr.cached(seed, cache)) if follow_cache else None)
         except ValueError as err:
             console.print(f"[red]{err}[/red]")
             raise typer.Exit(1) from None
