@@ -42,7 +42,8 @@ from . import weights as weights_io
 NAME = "structure"
 SHIPPED = weights_io.WEIGHTS_DIR / "structure.safetensors"
 N_SPACE_GROUPS = 230
-N_CHEM = 2 * len(ELEMENTS) + 1
+N_RANKED = 6  # the largest element fractions, ranked
+N_CHEM = 2 * len(ELEMENTS) + N_RANKED + 1
 
 # the 32 crystallographic point groups and the first space group of each (contiguous)
 POINT_GROUPS = ("1", "-1", "2", "m", "2/m", "222", "mm2", "mmm", "4", "-4", "4/m", "422",
@@ -54,6 +55,7 @@ _PG_STARTS = (1, 2, 3, 6, 10, 16, 25, 47, 75, 81, 83, 89, 99, 111, 123, 143, 147
 DEFAULT_ARCH = {
     "q": [0.5, 7.0, 1024],  # Q grid: min, max (Å⁻¹), points
     "conv": [[16, 7], [32, 5], [48, 5], [64, 3], [64, 3]],  # (channels, kernel), each + pool 2
+    "sqrt_channel": True,  # the network also sees √pattern (weak peaks: absences matter)
     "diffraction_features": 256,
     "chemistry_hidden": [128, 64],
     "hidden": 256,
@@ -74,19 +76,20 @@ def _membership(starts, n_groups) -> torch.Tensor:
 
 
 class StructureNet(nn.Module):
-    """``forward(x, chem)``: x (N, 2, M) pattern + coverage mask on the Q grid, chem (N,
-    189) fractions, presence, flag → (N, 230) space-group logits.
+    """``forward(x, chem)``: x (N, 2, M) pattern + coverage mask on the Q grid, chem
+    (N, N_CHEM) fractions, presence, ranked fractions, flag → (N, 230) space-group
+    logits. With ``sqrt_channel`` the network adds √pattern as a third channel itself.
 
     ``drop_chemistry`` / ``drop_diffraction``: per-sample probabilities of zeroing a whole
     modality in training (modality drop-out)."""
 
-    def __init__(self, arch: dict | None = None, drop_chemistry: float = 0.4,
+    def __init__(self, arch: dict | None = None, drop_chemistry: float = 0.5,
                  drop_diffraction: float = 0.05):
         super().__init__()
         arch = {**DEFAULT_ARCH, **(arch or {})}
         self.arch = arch
         self.drop_chemistry, self.drop_diffraction = drop_chemistry, drop_diffraction
-        layers, cin, length = [], 2, int(arch["q"][2])
+        layers, cin, length = [], 3 if arch["sqrt_channel"] else 2, int(arch["q"][2])
         for c, k in arch["conv"]:
             layers += [nn.Conv1d(cin, c, k, padding=k // 2), nn.MaxPool1d(2), nn.ReLU(True)]
             cin, length = c, length // 2
@@ -104,6 +107,8 @@ class StructureNet(nn.Module):
                                   nn.Dropout(0.2), nn.Linear(arch["hidden"], N_SPACE_GROUPS))
 
     def forward(self, x: torch.Tensor, chem: torch.Tensor) -> torch.Tensor:
+        if self.arch["sqrt_channel"]:
+            x = torch.cat([x, torch.sqrt(x[:, :1].clamp_min(0))], dim=1)
         fd = self.diffraction(x)
         if self.training and self.drop_chemistry > 0:
             keep = (torch.rand(len(chem), 1, device=chem.device) >= self.drop_chemistry)
@@ -159,27 +164,36 @@ def rebin(patterns: np.ndarray, two_theta: np.ndarray, wavelength: float,
 
 
 def encode_composition(composition, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``None``, one composition for all ``n`` patterns, or a list of ``n`` → (n, 189)
+    """``None``, one composition for all ``n`` patterns, or a list of ``n`` → (n, N_CHEM)
     chemistry inputs and (n,) whether each has a composition. A composition is a dict
     ``{"Mn": 1, "O": 1}`` (amounts or fractions), a formula string ``"MnO"`` or a pymatgen
     ``Composition``; an empty one counts as none."""
-    out = np.zeros((n, N_CHEM), np.float32)
     if composition is None:
-        return out, np.zeros(n, bool)
+        return chemistry_features(np.zeros((n, len(ELEMENTS)), np.float32)), np.zeros(n, bool)
     items = list(composition) if isinstance(composition, (list, tuple)) else [composition] * n
     if len(items) != n:
         raise InputError(f"{len(items)} compositions for {n} patterns; give one, or one per "
                          "pattern")
+    fractions = np.zeros((n, len(ELEMENTS)), np.float32)
     for i, comp in enumerate(items):
-        if comp is None:
-            continue
-        fr = composition_fractions(comp)
-        if fr.sum() <= 0:
-            continue
-        out[i, :len(ELEMENTS)] = fr
-        out[i, len(ELEMENTS):2 * len(ELEMENTS)] = fr > 0
-        out[i, -1] = 1
-    return out, out[:, -1] > 0
+        if comp is not None:
+            fractions[i] = composition_fractions(comp)
+    chem = chemistry_features(fractions)
+    return chem, chem[:, -1] > 0
+
+
+def chemistry_features(fractions: np.ndarray) -> np.ndarray:
+    """(N, N_CHEM) chemistry inputs from element-fraction rows (N, len(ELEMENTS)):
+    fractions, presence, the ``N_RANKED`` largest fractions ranked, and a flag that says
+    whether there is a composition (all zero: none)."""
+    fractions = np.asarray(fractions, np.float32)
+    n, e = fractions.shape
+    chem = np.zeros((n, N_CHEM), np.float32)
+    chem[:, :e] = fractions
+    chem[:, e:2 * e] = fractions > 0
+    chem[:, 2 * e:2 * e + N_RANKED] = -np.sort(-fractions, axis=1)[:, :N_RANKED]
+    chem[:, -1] = fractions.sum(axis=1) > 0
+    return chem
 
 
 def composition_fractions(comp) -> np.ndarray:
@@ -312,7 +326,8 @@ def space_group_symbol(number: int) -> str:
 
 
 def from_tensors(state: dict, card: dict) -> StructureNet:
-    net = StructureNet(card.get("architecture"))
+    arch = {"sqrt_channel": False, **card.get("architecture", {})}  # older cards: no √ channel
+    net = StructureNet(arch)
     net.load_state_dict(state)
     return net
 

@@ -370,13 +370,15 @@ class CrystalSet:
 
 def generate(n: int, seed: int = 0, directory: str | Path | None = None, chunk: int = 100,
              log=None, minutes: float | None = None, part: int = 0,
-             parts: int = 1) -> CrystalSet:
+             parts: int = 1, timeout: float = 20.0) -> CrystalSet:
     """The first ``n`` structures of set ``seed``, generated or read from the cache.
 
     Chunks of ``chunk`` structures are written as they complete, so an interrupted run
     resumes where it stopped; ``minutes`` bounds the time spent generating (what exists
     then is returned). ``part``/``parts``: this process does every ``parts``-th chunk
-    (run ``parts`` processes with ``part`` = 0 … parts-1 to generate in parallel)."""
+    (run ``parts`` processes with ``part`` = 0 … parts-1 to generate in parallel).
+    A structure that takes longer than ``timeout`` seconds (pyxtal sometimes searches a
+    long time) is skipped, so the set depends on the machine only through such skips."""
     root = cache_dir(directory) / f"seed{seed}"
     sets, t0 = [], time.time()
     for c0 in range(0, n, chunk):
@@ -389,7 +391,7 @@ def generate(n: int, seed: int = 0, directory: str | Path | None = None, chunk: 
         if minutes is not None and time.time() - t0 > 60 * minutes:
             break
         crystals = [c for i in range(c0, min(c0 + chunk, n))
-                    if (c := make_crystal(seed, i)) is not None]
+                    if (c := _bounded(make_crystal, seed, i, seconds=timeout)) is not None]
         block = CrystalSet.from_crystals(crystals)
         if c0 + chunk <= n:  # only whole chunks are cached
             block.save(path)
@@ -399,6 +401,33 @@ def generate(n: int, seed: int = 0, directory: str | Path | None = None, chunk: 
             log(f"structures {done}/{n}: {len(crystals)} of {min(chunk, n - c0)} kept, "
                 f"{time.time() - t0:.0f} s")
     return CrystalSet.concatenate(sets) if sets else CrystalSet.from_crystals([])
+
+
+class _Timeout(BaseException):  # not caught by the generators' `except Exception`
+    pass
+
+
+def _bounded(fn, *args, seconds: float = 20.0):
+    """``fn(*args)``, or None after ``seconds`` (SIGALRM; no limit off the main thread)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not seconds:
+        return fn(*args)
+
+    def _raise(signum, frame):
+        raise _Timeout
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn(*args)
+    except _Timeout:
+        logger.info("structure %s skipped: longer than %s s", args, seconds)
+        return None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def cached(seed: int = 0, directory: str | Path | None = None) -> CrystalSet:
@@ -522,6 +551,22 @@ def _normalise(y: np.ndarray, mask: np.ndarray) -> np.ndarray:
     y = np.where(mask > 0, y - lo, 0)
     top = np.max(y, axis=1, keepdims=True)
     return (y / np.where(top > 0, top, 1)).astype(np.float32)
+
+
+def substitute_elements(composition: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Compositions (N, len(ELEMENTS)) with every element swapped for a random element of
+    its kind (anion for anion, cation for cation; distinct within a row), amounts kept."""
+    c = np.asarray(composition, np.float32)
+    out = np.zeros_like(c)
+    anions = [Z[a] for a, w in ANIONS.items() if w > 0]
+    cations = [Z[e] for e in sorted(set(CATIONS) | set(METALS)) if Z[e] not in anions]
+    anion_set = set(anions)
+    for r in range(len(c)):
+        present = np.nonzero(c[r] > 0)[0]
+        pools = {True: list(rng.permutation(anions)), False: list(rng.permutation(cations))}
+        for z in present:
+            out[r, pools[int(z) in anion_set].pop()] += c[r, z]
+    return out
 
 
 def measured_composition(composition: np.ndarray, rng: np.random.Generator,

@@ -33,28 +33,23 @@ def model_grid(net: st.StructureNet) -> np.ndarray:
 
 def inputs(cs: cr.CrystalSet, index: np.ndarray, rng: np.random.Generator, q: np.ndarray,
            aug: cr.Augment | None = cr.Augment(), chemistry: bool = True,
-           p_light_missing: float = 0.5):
-    """Tensors (x (N, 2, M), chem (N, 189), space group − 1 (N,)) for structures ``index``."""
+           p_light_missing: float = 0.5, substitute: bool = False):
+    """Tensors (x (N, 2, M), chem (N, N_CHEM), space group − 1 (N,)) for structures
+    ``index``. ``substitute``: swap every element for a random one of its kind (anion
+    for anion, cation for cation) first — in training, so the chemistry sub-network learns
+    stoichiometry and element kinds rather than which chemical systems it has seen."""
     y, mask = cr.render(cs, index, rng, q, aug)
     x = torch.from_numpy(np.stack([y, mask], 1))
     if chemistry:
-        comp = cr.measured_composition(cs.composition[index], rng,
-                                       p_light_missing=p_light_missing)
-        chem = _encode(comp)
+        true = cs.composition[index]
+        if substitute:
+            true = cr.substitute_elements(true, rng)
+        comp = cr.measured_composition(true, rng, p_light_missing=p_light_missing)
+        chem = st.chemistry_features(comp)
     else:
         chem = np.zeros((len(index), st.N_CHEM), np.float32)
     label = torch.from_numpy(cs.space_group[index].astype(np.int64) - 1)
     return x, torch.from_numpy(chem), label
-
-
-def _encode(fractions: np.ndarray) -> np.ndarray:
-    """Chemistry inputs from element-fraction rows (as ``encode_composition`` builds them)."""
-    n, e = fractions.shape
-    chem = np.zeros((n, st.N_CHEM), np.float32)
-    chem[:, :e] = fractions
-    chem[:, e:2 * e] = fractions > 0
-    chem[:, -1] = fractions.sum(axis=1) > 0
-    return chem
 
 
 def loss_fn(logits: torch.Tensor, label: torch.Tensor, w_system: float = 0.5) -> torch.Tensor:
@@ -161,9 +156,12 @@ def _lr(progress: float, warmup: float = 0.03, final: float = 0.02) -> float:
 
 def fit(net: st.StructureNet, batches, n_steps: int, *, lr: float = 2e-3,
         minutes: float | None = None, log=print, progress: bool = True,
-        label: str = "structure", every: int = 50) -> list[dict]:
+        label: str = "structure", every: int = 50, monitor=None,
+        monitor_every: int = 500) -> list[dict]:
     """Optimise ``net`` on ``batches()`` (an iterator of (x, chem, label)) for ``n_steps``
-    steps or ``minutes``; returns the history (step, loss, accuracy, seconds)."""
+    steps or ``minutes``; returns the history (step, loss, accuracy, seconds).
+    ``monitor()``: a dict of held-out figures, added to the history every
+    ``monitor_every`` steps."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
@@ -193,6 +191,11 @@ def fit(net: st.StructureNet, batches, n_steps: int, *, lr: float = 2e-3,
                                 "accuracy": acc_right / acc_n,
                                 "seconds": round(time.monotonic() - t0, 1)})
                 info = f"loss {history[-1]['loss']:.3f} acc {history[-1]['accuracy']:.3f}"
+                if monitor is not None and (step % monitor_every == 0 or prog >= 1.0):
+                    history[-1].update(monitor())
+                    net.train()
+                    info += " " + " ".join(f"{k} {v:.3f}" for k, v in history[-1].items()
+                                           if k.startswith("val_"))
                 bar.update(task, completed=min(step, n_steps), info=info)
                 if not progress:
                     log(f"step {step}/{n_steps}: {info}, {history[-1]['seconds']:.0f} s")
@@ -223,7 +226,7 @@ def simulated_batches(cs: cr.CrystalSet, train_idx: np.ndarray, batch: int, seed
                 train_idx = new.split()["train"]
         order = rng.permutation(train_idx)
         for s in range(0, len(order) - batch + 1, batch):
-            yield inputs(state["cs"], order[s:s + batch], rng, q)
+            yield inputs(state["cs"], order[s:s + batch], rng, q, substitute=True)
 
 
 def plot_history(history: list[dict], path: Path, title: str, val: dict | None = None) -> Path:
@@ -240,6 +243,12 @@ def plot_history(history: list[dict], path: Path, title: str, val: dict | None =
     ax2 = ax.twinx()
     ax2.plot(steps, [h["accuracy"] for h in history], color="tab:orange",
              label="training top-1 (space group)")
+    for key, color, what in (("val_chem_top1", "tab:green", "with chemistry"),
+                             ("val_pattern_top1", "tab:red", "pattern only")):
+        pts = [(h["step"], h[key]) for h in history if key in h]
+        if pts:
+            ax2.plot(*zip(*pts), color=color, marker=".", lw=0.8,
+                     label=f"held-out top-1, {what}")
     if val:
         ax2.axhline(val["chemistry"]["space_group_top1"], color="tab:green", ls="--",
                     label="validation top-1, with chemistry")
@@ -277,8 +286,17 @@ def train(cs: cr.CrystalSet, out: str | Path, *, steps: int = 4000, batch: int =
         f"{len(split['test'])} test")
     t0 = time.monotonic()
     state: dict = {}
+    probe = fixed_set(cs, split["validation"][:400], seed + 2, q)
+
+    def monitor():
+        out = {}
+        for mode, chem in (("chem", probe["chem"]), ("pattern", torch.zeros_like(probe["chem"]))):
+            p = logits_of(net, probe["x"], chem).argmax(1)
+            out[f"val_{mode}_top1"] = float((p == probe["label"]).float().mean())
+        return out
+
     history = fit(net, simulated_batches(cs, split["train"], batch, seed, q, refresh, state),
-                  steps, lr=lr, minutes=minutes, log=log, progress=progress)
+                  steps, lr=lr, minutes=minutes, log=log, progress=progress, monitor=monitor)
     train_s = time.monotonic() - t0
     if len(state["cs"]) > len(cs):
         cs, split = state["cs"], state["cs"].split()
@@ -389,7 +407,8 @@ def finetune(runs: list[dict], out: str | Path, *, base: str | Path | None = Non
             i = rng.integers(0, len(y_all), batch if sim_idx is None else batch // 2)
             x, c, y = x_all[i], c_all[i], y_all[i]
             if sim_idx is not None:
-                xs_, cs_, ys_ = inputs(simulated, rng.choice(sim_idx, batch // 2), rng, q)
+                xs_, cs_, ys_ = inputs(simulated, rng.choice(sim_idx, batch // 2), rng, q,
+                                       substitute=True)
                 x, c, y = torch.cat([x, xs_]), torch.cat([c, cs_]), torch.cat([y, ys_])
             yield x, c, y
 
