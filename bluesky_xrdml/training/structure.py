@@ -443,7 +443,8 @@ def train_structure_command(
              "crystals, or $XRDML_CACHE/crystals)")] = None,
     generate_minutes: Annotated[float | None, typer.Option(
         help="stop generating new structures after this many minutes")] = None,
-    steps: Annotated[int, typer.Option(help="optimiser steps")] = 20000,
+    steps: Annotated[int | None, typer.Option(
+        help="optimiser steps (default 20000 from simulation, 300 fine-tuning)")] = None,
     batch: Annotated[int, typer.Option(help="patterns per step")] = 64,
     lr: Annotated[float, typer.Option(help="peak learning rate")] = 2e-3,
     minutes: Annotated[float | None, typer.Option(
@@ -489,7 +490,7 @@ def train_structure_command(
                       f"{sum(len(r['patterns']) for r in runs)} patterns")
         simulated = cr.cached(seed, cache)
         out = Path(out or "structure-finetuned.safetensors")
-        card = finetune(runs, out, base=base, steps=steps if steps != 20000 else 300,
+        card = finetune(runs, out, base=base, steps=steps or 300,
                         seed=seed, simulated=simulated if len(simulated) else None,
                         log=console.print, progress=progress)
         m = card["finetune"]["on_the_runs_themselves"]
@@ -504,7 +505,8 @@ def train_structure_command(
                       f"{cr.cache_dir(cache) / f'seed{seed}'})")
         out = Path(out or "structure.safetensors")
         try:
-            card = train(cs, out, steps=steps, batch=batch, lr=lr, minutes=minutes, seed=seed,
+            card = train(cs, out, steps=steps or 20000, batch=batch, lr=lr, minutes=minutes,
+                         seed=seed,
                          version=version, log=console.print, progress=progress,
                          data={"seed": seed, "requested": structures},
                          refresh=(lambda: cr.cached(seed, cache)) if follow_cache else None)
