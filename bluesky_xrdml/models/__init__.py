@@ -24,6 +24,7 @@ register("pqnet-demo", "bluesky_xrdml.models.pqnet")
 register("pqnet", "bluesky_xrdml.models.pqnet")  # what a trained model's card says
 register("attention-demo", "bluesky_xrdml.models.attention")
 register("attention", "bluesky_xrdml.models.attention")  # the name in its cards
+register("structure", "bluesky_xrdml.models.structure")
 
 
 def load_model(name: str, path: str | Path | None = None, device: str = "auto"):

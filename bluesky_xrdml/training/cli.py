@@ -121,3 +121,7 @@ train_app.command("pqnet")(train_pqnet_command)
 from .attention import train_attention_command  # noqa: E402
 
 train_app.command("attention")(train_attention_command)
+
+from .structure import train_structure_command  # noqa: E402
+
+train_app.command("structure")(train_structure_command)
