@@ -69,9 +69,16 @@ class Route:
     reference: str = ""
     shape: tuple = ()  # the data key's declared shape (leading 1s dropped)
     upstream: object = None  # the integration route whose patterns feed this one
+    geometry: Geometry | None = None  # of the run, known from its start document
 
     def stream(self, base: str) -> str:
         return layout.stream_name(base, self.key, self.first)
+
+    def keep(self, name: str, rows: list) -> None:
+        """Keep per-item rows in ``acc[name]`` for the maps made at the stop, only when
+        the run makes maps: a ``count`` that runs for days keeps nothing."""
+        if self.geometry is None or self.geometry.kind != "points":
+            self.acc.setdefault(name, []).extend(rows)
 
 
 def _array_shape(data_key: dict) -> tuple:
@@ -169,7 +176,7 @@ class BraggPeaks:
             peaks.extend(table.to_dict("records"))
             frames.append({"frame": item.point, "n_peaks": len(table), "detector": route.key,
                            **item.positions})
-        route.acc.setdefault("frames", []).extend(frames)
+        route.keep("frames", frames)
         return {route.stream(layout.PEAKS): peaks, route.stream(layout.FRAMES): frames}, errors
 
     def finish(self, route: Route, geometry: Geometry) -> dict:
@@ -301,7 +308,7 @@ class RoiIntensities:
                 for roi, vi, si in zip(rois, v, s):
                     row[roi.name], row[f"{roi.name}_std"] = float(vi), float(si)
                 rows.append(row)
-        route.acc.setdefault("rows", []).extend(rows)
+        route.keep("rows", rows)
         return {route.stream(layout.PATTERNS): rows}, errors
 
     def finish(self, route: Route, geometry: Geometry) -> dict:

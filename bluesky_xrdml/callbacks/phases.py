@@ -156,16 +156,17 @@ class PhaseQuantification:
                 good.append((item, check_patterns(item.value, n, reject_constant=True)[0]))
             except PatternError as err:
                 errors.append((item.point, str(err)))
-        # kept for XRD-CT, where they are reconstructed at the stop (the analysis learns the
-        # scan geometry only then); freed after ``finish``
-        store = route.acc.setdefault("patterns", {})
-        for item, y in good:
-            store[item.point] = (y.astype(np.float32), item.positions)
+        # kept for XRD-CT only, where they are reconstructed at the stop; freed after
+        # ``finish`` (a route made without a run, as in tests, keeps them to be safe)
+        if route.geometry is None or route.geometry.kind == "xrdct":
+            store = route.acc.setdefault("patterns", {})
+            for item, y in good:
+                store[item.point] = (y.astype(np.float32), item.positions)
         rows = []
         if good:
             ds = self.model.predict(np.stack([g[1] for g in good]))
             rows = self._rows(ds, [g[0] for g in good], route)
-        route.acc.setdefault("rows", []).extend(rows)
+        route.keep("rows", rows)
         return {route.stream(PHASES): rows}, errors
 
     def finish(self, route: Route, geometry: Geometry) -> dict:

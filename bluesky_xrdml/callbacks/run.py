@@ -131,7 +131,8 @@ class RunAnalysis(DocumentRouter):
                     upstream = Route(key, self.integration, first=self.integration.name
                                      not in taken, external=reference == "STREAM",
                                      context=context, reference=reference,
-                                     shape=_array_shape(data_key))
+                                     shape=_array_shape(data_key),
+                                     geometry=self.geometry)
                     taken.add(self.integration.name)
                     routes.append(upstream)
                     matched = True
@@ -146,7 +147,8 @@ class RunAnalysis(DocumentRouter):
                     route = Route(key, analysis, first=analysis.name not in taken,
                                   external=reference == "STREAM" and upstream is None,
                                   context=context, reference=reference,
-                                  shape=_array_shape(data_key), upstream=upstream)
+                                  shape=_array_shape(data_key), upstream=upstream,
+                                  geometry=self.geometry)
                     taken.add(analysis.name)
                     routes.append(route)
                     matched = True
@@ -168,6 +170,8 @@ class RunAnalysis(DocumentRouter):
                     self._declare(name, keys, configure(route) if configure else None)
 
     def _remember_positions(self, desc_uid, page):
+        if not self.motors:  # a count: nothing to remember per point
+            return
         for i, seq in enumerate(page["seq_num"]):
             self._positions[(desc_uid, seq)] = {
                 m: float(page["data"][m][i]) for m in self.motors if m in page["data"]
@@ -259,6 +263,11 @@ class RunAnalysis(DocumentRouter):
         for stream, (keys, data) in merged.items():
             self._declare(stream, keys)
             self._emit_rows(stream, [data])
+        # a finished run keeps only its summary: the callback remembers recent runs
+        for routes in self.routes.values():
+            for route in routes:
+                route.acc.clear()
+        self._positions.clear()
         if not self.counts and not self.errors:
             why = "; ".join(f"{k}: {v}" for k, v in self.ignored.items()) or "no data keys"
             self._close("success", f"nothing to analyse ({why})")
