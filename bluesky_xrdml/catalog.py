@@ -353,8 +353,6 @@ def sync(client, spool: str | os.PathLike | None = None, log=None) -> list[tuple
     the outage is replaced. A file is renamed ``*.jsonl.synced`` once its run is complete
     in the catalog, and kept (nothing is deleted).
     """
-    import json
-
     from bluesky_tiled_plugins.writing.tiled_writer import TiledWriter
 
     spool = default_spool() if spool is None else Path(spool)
@@ -363,12 +361,11 @@ def sync(client, spool: str | os.PathLike | None = None, log=None) -> list[tuple
     paths = sorted((spool / "raw").glob("*.jsonl")) + sorted((spool / "analysis").glob("*.jsonl"))
     for path in paths:
         max_array_size = 0 if path.parent.name == "analysis" else 16
-        docs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        starts = [d["doc"] for d in docs if d["name"] == "start"]
-        if not starts:
+        start = next((d["doc"] for d in _spooled(path) if d["name"] == "start"), None)
+        if start is None:
             done.append((path.name, "skipped: no start document in the file"))
             continue
-        uid = starts[0]["uid"]
+        uid = start["uid"]
         if uid in client:
             node = client[uid]
             if node.metadata.get("stop") and not verify(node):
@@ -380,7 +377,7 @@ def sync(client, spool: str | os.PathLike | None = None, log=None) -> list[tuple
         else:
             what = "uploaded"
         writer = TiledWriter(client, batch_size=1000, max_array_size=max_array_size)
-        for d in docs:
+        for d in _spooled(path):  # one document at a time: a spooled run can be large
             writer(d["name"], d["doc"])
         missing = verify(client[uid])
         if missing:
@@ -391,6 +388,16 @@ def sync(client, spool: str | os.PathLike | None = None, log=None) -> list[tuple
         if log:
             log(f"{uid}: {what}")
     return done
+
+
+def _spooled(path: Path):
+    """The ``{"name", "doc"}`` records of a spool file, read one line at a time."""
+    import json
+
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
 
 
 def analyses(client, raw_uid: str) -> list:
