@@ -273,7 +273,8 @@ class RemoteWorker:
         self.cb.subscribe(catalog.analysis_writer(client, spool=spool), background=True)
         self._raw_of: dict[str, str] = {}
         self.cb.subscribe(self._on_analysis)
-        hint = f" --catalog {catalog_uri.split('?')[0]}" if catalog_uri else ""
+        self.catalog = catalog_uri.split("?")[0]  # never the key
+        hint = f" --catalog {self.catalog}" if catalog_uri else ""
         self.tracker = RunTracker(self.cb, hint)
         self.dispatcher = CheckedDispatcher(address)
         self.dispatcher.subscribe(self.tracker)
@@ -287,7 +288,20 @@ class RemoteWorker:
         models = ", ".join(f"{m['name']} {m.get('version') or ''}".strip()
                            for a in self.cb.analyses for m in getattr(a, "models", []))
         return (f"xrdml worker: device {self.device}; models: {models or 'classical only'}; "
-                f"listening on tcp://{self.address.split('://')[-1]}")
+                f"{self.model_throughput()}; listening on "
+                f"tcp://{self.address.split('://')[-1]}; filing to {self.catalog or 'Tiled'}")
+
+    def model_throughput(self, n: int = 2048) -> str:
+        """BraggNN patches/s on this device, measured now (it also warms the device up)."""
+        model = next((a.model for a in self.cb.analyses
+                      if getattr(a, "name", "") == "bragg-peaks" and a.model is not None), None)
+        if model is None:
+            return "no BraggNN"
+        patches = np.random.default_rng(0).poisson(50, (n, 11, 11)).astype("float32")
+        model.predict(patches[:64])
+        t0 = time.perf_counter()
+        model.predict(patches)
+        return f"BraggNN {n / (time.perf_counter() - t0):.0f} patches/s"
 
     def throughput(self) -> str:
         now = time.monotonic()
@@ -296,7 +310,7 @@ class RemoteWorker:
         self._last = (now, self.tracker.events, done)
         dt = max(now - t, 1e-9)
         return (f"xrdml worker: device {self.device}; {(self.tracker.events - events) / dt:.1f} "
-                f"events/s received, {(done - analysed) / dt:.1f} items/s analysed over the "
+                f"events/s received, {(done - analysed) / dt:.1f} documents/s analysed over the "
                 f"last {dt:.0f} s; in all {self.tracker.events} events, "
                 f"{self.tracker.finished} runs done, {len(self.tracker.open)} open, "
                 f"{len(self.tracker.missed_runs)} missed, {self.dispatcher.rejected} "
