@@ -190,6 +190,8 @@ class RunTracker:
         if name == "stop":
             self.open.pop(run, None)
             self.finished += 1
+            self.descriptors = {d: r for d, r in self.descriptors.items() if r != run}
+            self.resources = {d: r for d, r in self.resources.items() if r != run}
         self.downstream(name, doc)
 
     def _run_of(self, name, doc) -> str | None:

@@ -122,6 +122,29 @@ def test_wire_format_round_trips_arrays_and_never_unpickles():
         remote.pack({"a": np.array([object()])})
 
 
+def test_tracker_passes_seen_runs_and_names_the_missed_ones(caplog):
+    from ophyd.sim import det
+
+    docs, passed = [], []
+    RE = RunEngine({})
+    RE.subscribe(lambda name, doc: docs.append((name, doc)))
+    missed, seen = RE(bp.count([det], num=3)), RE(bp.count([det], num=2))
+    tracker = remote.RunTracker(lambda name, doc: passed.append((name, doc)),
+                                " --catalog http://tiled")
+    for name, doc in docs[1:]:  # the first run's start never arrives
+        tracker(name, doc)
+    assert {d.get("run_start", d.get("uid")) for n, d in passed if n in ("start", "stop")} \
+        == {seen[0]}
+    assert f"xrdml reprocess {missed[0]} --catalog http://tiled" in caplog.text
+    assert list(tracker.missed_runs) == [missed[0]] and not tracker.open
+    # a run still open when the worker stops is closed as interrupted
+    tracker(*docs[0])
+    tracker.interrupt("the xrdml worker was stopped (SIGTERM)")
+    name, stop = passed[-1]
+    assert name == "stop" and stop["run_start"] == missed[0]
+    assert stop["exit_status"] == "abort" and stop["reason"].startswith("interrupted: ")
+
+
 def test_worker_files_the_same_analysis_as_in_process(services, RE_pub, tiled_client):
     RE, pub = RE_pub
     client, beamline = tiled_client, sim_beamline(seed=3)
