@@ -18,6 +18,11 @@ from .training.cli import train_app  # noqa: E402
 
 app.add_typer(train_app, name="train")
 
+from . import remote_cli  # noqa: E402
+
+app.command(name="worker")(remote_cli.worker)
+app.command(name="reprocess")(remote_cli.reprocess)
+
 
 @contextlib.contextmanager
 def _open_catalog(catalog_uri: str | None, directory: Path):

@@ -48,6 +48,8 @@ class RunAnalysis(DocumentRouter):
         # calibrated 2D keys are integrated first; their patterns feed the 1D analyses
         self.integration = integration
         self._positions: dict[tuple[str, int], dict] = {}
+        self._received: dict[str, set] = {}  # stream name -> seq_nums seen (missed events)
+        self._stream_of: dict[str, str] = {}  # raw descriptor uid -> stream name
         self.submit("open", None)
 
     # --- RunEngine side: queue and return ------------------------------------------
@@ -107,6 +109,8 @@ class RunAnalysis(DocumentRouter):
             if kind == "page":
                 for page in docs:
                     self._remember_positions(desc_uid, page)
+                    self._received.setdefault(self._stream_of[desc_uid], set()).update(
+                        page["seq_num"])
                 items = self._items_from_pages(routes, docs)
             else:
                 items = self._items_from_stream_datums(routes, docs)
@@ -117,6 +121,7 @@ class RunAnalysis(DocumentRouter):
             self._record_error(-1, "", f"{type(err).__name__}: {err}")
 
     def _on_descriptor(self, doc):
+        self._stream_of[doc["uid"]] = doc.get("name", "primary")
         routes = []
         taken = {r.analysis.name for rs in self.routes.values() for r in rs}
         for key, data_key in doc.get("data_keys", {}).items():
@@ -252,6 +257,8 @@ class RunAnalysis(DocumentRouter):
 
     def _on_stop(self, doc):
         self.reader.close()
+        for message in missed_events(doc, self._received):  # events lost on the way here
+            self._record_error(-1, "", message)
         # every analysis adds its maps to one event per stream: same grid, same coordinates
         merged: dict[str, tuple[dict, dict]] = {}
         for routes in self.routes.values():
@@ -268,18 +275,22 @@ class RunAnalysis(DocumentRouter):
             for route in routes:
                 route.acc.clear()
         self._positions.clear()
+        self._received.clear()
+        ended = ""  # an aborted raw run, or one a remote worker was stopped in, says so
+        if doc.get("exit_status", "success") != "success":
+            ended = (f"; raw run ended with exit_status={doc.get('exit_status')!r}"
+                     + (f": {doc['reason']}" if doc.get("reason") else ""))
         if not self.counts and not self.errors:
             why = "; ".join(f"{k}: {v}" for k, v in self.ignored.items()) or "no data keys"
-            self._close("success", f"nothing to analyse ({why})")
+            self._close("success", f"nothing to analyse ({why}){ended}")
             return
         done = ", ".join(f"{n} {a}" for a, n in sorted(self.counts.items()))
-        if doc.get("exit_status", "success") != "success":
-            done += f"; raw run ended with exit_status={doc.get('exit_status')!r}"
+        done = (done or "nothing") + ended
         if self.errors:
             point, det, msg = self.errors[0]
             where = f"point {point} of {det}" if det else "run"
             self._close("fail", f"{len(self.errors)} error(s); first at {where}: {msg}. "
-                                f"Analysed: {done or 'nothing'}")
+                                f"Analysed: {done}")
         else:
             self._close("success", f"analysed: {done}")
 
@@ -370,3 +381,19 @@ def _plain(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def missed_events(stop: dict, received: dict[str, set]) -> list[str]:
+    """One message per stream of which fewer events arrived than the raw stop document
+    counts (``num_events``): a remote worker whose stream dropped messages."""
+    messages = []
+    for stream, n in sorted((stop.get("num_events") or {}).items()):
+        missing = sorted(set(range(1, int(n) + 1)) - received.get(stream, set()))
+        if missing:
+            shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+            messages.append(
+                f"missed {len(missing)} of {n} events of stream {stream!r} (seq_num {shown}); "
+                f"`xrdml reprocess {stop.get('run_start')}` analyses the whole run from the "
+                "catalog")
+    return messages
+
