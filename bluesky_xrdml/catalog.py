@@ -47,7 +47,10 @@ def embedded(directory: str | os.PathLike = "xrdml-data", api_key: str | None = 
     # key locks clients of the first out (401). All ours share one random key per process.
     api_key = api_key or _process_key()
     # always as a context manager: an exception before close() would hang the process
-    with SimpleTiledServer(directory=directory, api_key=api_key, port=port) as server:
+    # detectors' files (HDF5 frames referenced by resource/datum) under the directory are
+    # registered by TiledWriter and must be readable by the server
+    with SimpleTiledServer(directory=directory, api_key=api_key, port=port,
+                           readable_storage=[Path(directory).resolve()]) as server:
         yield server, from_uri(server.uri)
 
 

@@ -135,5 +135,5 @@ def ring_frame(ai, two_theta, pattern, shape) -> np.ndarray:
     """The expected 2D frame of a powder ``pattern`` (counts vs ``two_theta`` in degrees)
     on a detector of ``shape`` calibrated by ``ai``: each pixel sees the pattern at its
     2θ (for simulations and tests)."""
-    tth = np.degrees(ai.twoThetaArray(shape))
+    tth = ai.center_array(tuple(shape), unit="2th_deg")
     return np.interp(tth, two_theta, pattern, left=0.0, right=0.0)
