@@ -228,3 +228,23 @@ def test_an_archived_run_of_file_frames_replays(tmp_path, beamline, engine):
                             engine=engine, spool=tmp_path / "spool")
     assert summary["exit_status"] == "success", summary["reason"]
     assert summary["analysed"] == {"bragg-peaks": 3}
+
+
+def test_an_ophyd_async_style_detector_writing_hdf5_is_analysed(RE, beamline, collector,
+                                                                tmp_path):
+    from bluesky_xrdml.devices.files import StreamHDF5Detector
+
+    sim = beamline.area.simulator
+    angles = iter([0.0, 0.5, 1.0, 1.5])
+    det = StreamHDF5Detector("sdet", lambda: sim.frame(next(angles)), sim.shape, tmp_path)
+    raw = []
+    RE.subscribe(lambda name, doc: raw.append(name))
+    cb = attach(RE, collector)
+    RE(bp.count([det], num=4))
+    assert cb.wait(timeout=60)
+    assert raw.count("stream_resource") == 1 and raw.count("stream_datum") == 4
+    (stop,) = collector.of("stop")
+    assert stop["exit_status"] == "success", stop["reason"]
+    frames = collector.stream("frames")
+    assert [f["frame"] for f in frames] == [1, 2, 3, 4]
+    assert min(f["n_peaks"] for f in frames) > 5
