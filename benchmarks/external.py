@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 from event_model import compose_resource, compose_run
 
-from bluesky_xrdml.analysis.integrate import PowderIntegrator, ring_frame
+from bluesky_xrdml.analysis.integrate import METHOD, PowderIntegrator, ring_frame
 from bluesky_xrdml.callbacks import PowderIntegration, XRDMLCallback
 
 SHAPE = (2048, 2048)
@@ -110,22 +110,24 @@ def main():
     n = args.frames
     stack = frames(n)
 
-    integ = PowderIntegrator(PONI, npt=2000)
-    t0 = time.perf_counter()
-    integ.integrate(stack[0])
-    first = time.perf_counter() - t0
-    t0, c0 = time.perf_counter(), time.process_time()
-    for i in range(n):
-        integ.integrate(stack[i % len(stack)])
-    rate = n / (time.perf_counter() - t0)
-    cpu = (time.process_time() - c0) / n
-    # on a shared machine the wall-clock rate says more about the neighbours than about
-    # pyFAI: the CPU time per frame is what 2 free cores would have to spend
-    print(f"pyFAI integration of {SHAPE[0]}x{SHAPE[1]} frames (CSR, {args.threads} threads): "
-          f"{rate:.1f} frames/s wall ({1000 / rate:.0f} ms/frame; first frame incl. CSR "
-          f"table {first:.1f} s); CPU {1000 * cpu:.0f} ms/frame -> at most "
-          f"{args.threads / cpu:.1f} frames/s on {args.threads} free cores; target >= 20 "
-          f"frames/s  load {os.getloadavg()[0]:.2f}")
+    for method in (METHOD, ("no", "csr", "cython")):
+        integ = PowderIntegrator(PONI, npt=2000, method=method)
+        t0 = time.perf_counter()
+        integ.integrate(stack[0])
+        first = time.perf_counter() - t0
+        t0, c0 = time.perf_counter(), time.process_time()
+        for i in range(n):
+            integ.integrate(stack[i % len(stack)])
+        rate = n / (time.perf_counter() - t0)
+        cpu = (time.process_time() - c0) / n
+        # on a shared machine the wall-clock rate says more about the neighbours than
+        # about pyFAI: the CPU time per frame is what free cores would have to spend
+        print(f"pyFAI integration of {SHAPE[0]}x{SHAPE[1]} frames, method {method[0]}/"
+              f"{method[1]}, {args.threads} threads: {rate:.1f} frames/s wall "
+              f"({1000 / rate:.0f} ms/frame; first frame incl. CSR table {first:.1f} s); CPU "
+              f"{1000 * cpu:.0f} ms/frame -> at most {args.threads / cpu:.1f} frames/s on "
+              f"{args.threads} free cores; target >= 20 frames/s  "
+              f"load {os.getloadavg()[0]:.2f}")
 
     with tempfile.TemporaryDirectory() as tmp:
         ext_docs = external_docs(stack, n, Path(tmp))
