@@ -115,14 +115,21 @@ class PowderIntegrator:
         self._masked = shape
 
     def integrate(self, frames) -> Integrated:
-        """One frame (2D) or a stack (N, rows, cols) -> ``Integrated``."""
-        stack = np.asarray(frames)
-        if stack.ndim == 2:
-            stack = stack[None]
-        if self.shape is not None and stack.shape[1:] != self.shape:
-            raise CalibrationError(f"frames of shape {stack.shape[1:]} for a calibration of a "
+        """One frame (2D), a stack (N, rows, cols) or a list of frames -> ``Integrated``
+        (a list is not copied into one array: 2048² frames are 16 MB each)."""
+        if isinstance(frames, list | tuple):
+            stack = [np.asarray(f) for f in frames]
+        else:
+            stack = np.asarray(frames)
+            stack = stack[None] if stack.ndim == 2 else stack
+        shapes = {f.shape for f in stack}
+        if len(shapes) != 1:
+            raise CalibrationError(f"frames of several shapes {sorted(shapes)}")
+        (shape,) = shapes
+        if self.shape is not None and shape != self.shape:
+            raise CalibrationError(f"frames of shape {shape} for a calibration of a "
                                    f"{self.shape} detector: is this the right PONI?")
-        self._static_mask(stack.shape[1:])
+        self._static_mask(shape)
         out_i, out_s, tt = [], [], None
         for frame in stack:
             res = self.ai.integrate1d(

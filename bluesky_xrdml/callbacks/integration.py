@@ -140,7 +140,7 @@ class PowderIntegration:
                 errors.append((item.point, str(err)))
         rows = []
         if good:
-            res = integ.integrate(np.stack([g[1] for g in good]))
+            res = integ.integrate([g[1] for g in good])
             for (item, _), y, s in zip(good, res.intensity, res.sigma):
                 rows.append({"point": item.point, "detector": route.key, **item.positions,
                              "intensity": y, "sigma": s})
