@@ -49,8 +49,10 @@ def embedded(directory: str | os.PathLike = "xrdml-data", api_key: str | None = 
     """
     from tiled.client import from_uri
 
-    server = EmbeddedServer(directory, api_key=api_key, port=port,
-                            readable_storage=readable_storage)
+    # detectors' files (HDF5 frames referenced by resource/datum) under the directory are
+    # registered by TiledWriter and must be readable by the server
+    readable = [Path(directory), *readable_storage]
+    server = EmbeddedServer(directory, api_key=api_key, port=port, readable_storage=readable)
     try:
         server.start()
         yield server, from_uri(server.uri)

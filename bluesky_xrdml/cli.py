@@ -55,7 +55,10 @@ def demo(
             console.print(f"catalog: {where}")
             summaries = run_demo(client, directory / "figures", map_points=map_points,
                                  frames=frames, log=console.print,
-                                 spool=None if catalog_uri else directory / "spool")
+                                 spool=None if catalog_uri else directory / "spool",
+                                 # the area detector writes HDF5 files, as real ones do,
+                                 # where the embedded server can read them
+                                 frames_dir=None if catalog_uri else directory / "frames")
     except CatalogError as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(2) from None

@@ -17,16 +17,23 @@ from bluesky import RunEngine
 
 from . import catalog
 from .callbacks import XRDMLCallback
-from .devices import sim_beamline
+from .devices import HDF5AreaDetector, sim_beamline
 from .plans import xrd_map
 from .plots import save_figures
 
 
 def run_demo(client, figures: Path, map_points: int = 20, frames: int = 12, log=print,
-             spool: Path | None = None) -> list:
-    """Run the two scans against ``client``; returns one summary dict per scan."""
+             spool: Path | None = None, frames_dir: Path | None = None) -> list:
+    """Run the two scans against ``client``; returns one summary dict per scan.
+
+    ``frames_dir``: the area detector writes its frames to HDF5 files there and the runs
+    reference them (resource/datum), as a real AreaDetector does; the catalog server must
+    be allowed to read that folder. Without it, frames travel inside the events."""
     figures.mkdir(parents=True, exist_ok=True)
     bl = sim_beamline()
+    if frames_dir is not None:
+        bl.area = HDF5AreaDetector(name="area", rotation=bl.rot, directory=frames_dir,
+                                   labels={"detectors"})
     RE = RunEngine({})
     raw = catalog.raw_writer(client, spool=spool)
     RE.subscribe(raw)

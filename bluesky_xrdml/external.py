@@ -157,7 +157,8 @@ class ExternalReader:
 
     def __init__(self, handler_registry: dict | None = None, root_map: dict | None = None,
                  timeout: float = 10.0, retry_interval: float = 0.1):
-        self.handlers = {**default_handlers(), **(handler_registry or {})}
+        self._registry = dict(handler_registry or {})
+        self._all_handlers: dict | None = None  # built at the first resource, on the worker
         self.root_map = dict(root_map or {})
         self.timeout, self.retry_interval = float(timeout), float(retry_interval)
         self.resources: dict[str, dict] = {}
@@ -165,6 +166,15 @@ class ExternalReader:
         self.stream_resources: dict[str, dict] = {}
         self._handlers: dict[str, object] = {}
         self._timed_out: set[str] = set()
+
+    @property
+    def handlers(self) -> dict:
+        """spec -> handler class: the defaults and ``handler_registry`` (imported lazily:
+        area-detector-handlers pulls in dask, and a run is started on the RunEngine's
+        thread)."""
+        if self._all_handlers is None:
+            self._all_handlers = {**default_handlers(), **self._registry}
+        return self._all_handlers
 
     # --- documents ------------------------------------------------------------------
     def consume(self, name: str, doc: dict) -> bool:

@@ -106,7 +106,9 @@ def save_figures(client, analysis_run, out_dir) -> list:
     if len(table) and raw_uid in client:
         first = int(table["frame"].min())
         detector = table["detector"].iloc[0]
-        frame = client[raw_uid]["primary"][detector][first - 1]
+        frame = np.asarray(client[raw_uid]["primary"][detector][first - 1])
+        while frame.ndim > 2:  # frames from detector files: (frames per point, rows, cols)
+            frame = frame[0]
         paths.append(plot_peaks(frame, table[table["frame"] == first],
                                 out_dir / f"peaks_{tag}.png",
                                 title=f"raw run {raw_uid[:8]}, frame {first}: "

@@ -134,3 +134,12 @@ def test_the_user_is_told_where_a_spooled_run_went(tmp_path, caplog):
         sink("stop", {"uid": "s", "run_start": uid, "time": 1.0, "exit_status": "success"})
     assert sink.spooled == [(uid, spool / "0123abcd.jsonl")]
     assert "0123abcd.jsonl" in caplog.text and "xrdml sync" in caplog.text
+
+
+def test_a_frame_with_too_many_peaks_is_not_centred_for_minutes(RE, beamline, collector):
+    # a powder calibrant frame gives thousands of candidates; here the limit is lowered
+    cb = attach(RE, collector, [BraggPeaks(method="centroid", max_peaks=3)])
+    RE(bp.count([beamline.area], num=1))
+    assert cb.wait(timeout=60)
+    (error,) = collector.stream("errors")
+    assert "more than max_peaks=3" in error["error"] and "calibrations" in error["error"]

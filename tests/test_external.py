@@ -205,3 +205,46 @@ def test_the_reader_waits_for_a_frame_still_being_written(tmp_path):
         timer.join()
     with pytest.raises(ExternalDataError, match="unknown datum"):
         reader.fill("r/9")
+
+
+@pytest.mark.parametrize("engine", [True, False])
+def test_an_archived_run_of_file_frames_replays(tmp_path, beamline, engine):
+    """Frames in HDF5 files, registered in Tiled by the raw writer, come back for a replay
+    (RunEngine) and for bulk reprocessing (documents) and are analysed again."""
+    from bluesky_xrdml import catalog
+    from bluesky_xrdml.reprocess import reprocess
+
+    RE = RunEngine({})
+    det = HDF5AreaDetector(name="area", rotation=beamline.rot, seed=3,
+                           directory=tmp_path / "frames")
+    with catalog.embedded(tmp_path) as (_, client):  # the server may read tmp_path
+        raw = catalog.raw_writer(client)
+        RE.subscribe(raw)
+        (uid,) = RE(bp.scan([det], beamline.rot, 0.0, 2.0, 3))
+        assert raw.join(timeout=60)
+        frames = np.asarray(client[uid]["primary"]["area_image"].read())
+        assert frames.reshape(3, 256, 256).max() > 1000
+        summary = reprocess(client, uid, analyses=[BraggPeaks(method="centroid")],
+                            engine=engine, spool=tmp_path / "spool")
+    assert summary["exit_status"] == "success", summary["reason"]
+    assert summary["analysed"] == {"bragg-peaks": 3}
+
+
+def test_an_ophyd_async_style_detector_writing_hdf5_is_analysed(RE, beamline, collector,
+                                                                tmp_path):
+    from bluesky_xrdml.devices.files import StreamHDF5Detector
+
+    sim = beamline.area.simulator
+    angles = iter([0.0, 0.5, 1.0, 1.5])
+    det = StreamHDF5Detector("sdet", lambda: sim.frame(next(angles)), sim.shape, tmp_path)
+    raw = []
+    RE.subscribe(lambda name, doc: raw.append(name))
+    cb = attach(RE, collector)
+    RE(bp.count([det], num=4))
+    assert cb.wait(timeout=60)
+    assert raw.count("stream_resource") == 1 and raw.count("stream_datum") == 4
+    (stop,) = collector.of("stop")
+    assert stop["exit_status"] == "success", stop["reason"]
+    frames = collector.stream("frames")
+    assert [f["frame"] for f in frames] == [1, 2, 3, 4]
+    assert min(f["n_peaks"] for f in frames) > 5

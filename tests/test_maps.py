@@ -106,3 +106,20 @@ def test_grid_index_snakes_every_other_pass():
     grid = assemble([1, 2, 3, 4], [1.0, 2.0, 3.0, 4.0], (2, 3), snaking=(False, True))
     assert np.array_equal(grid[0], [1, 2, 3]) and np.isnan(grid[1, 0])
     assert grid[1, 2] == 4.0
+
+
+def test_scattered_maps_read_back_from_tiled_with_position_coordinates(RE, beamline,
+                                                                        tiled_client):
+    from bluesky_xrdml import catalog
+
+    b = beamline
+    cb = XRDMLCallback(analyses=["roi"])
+    cb.subscribe(catalog.analysis_writer(tiled_client), background=True)
+    RE.subscribe(cb)
+    (uid,) = RE(bp.list_scan([b.powder], b.x, [-0.5, 0.1, 0.6], b.y, [0.3, -0.7, 0.2]))
+    assert cb.wait(timeout=120)
+    (run,) = catalog.analyses(tiled_client, uid)
+    ds = catalog.maps(run)
+    assert ds[ROI].dims == ("point",)
+    assert np.allclose(ds["x"], [-0.5, 0.1, 0.6]) and np.allclose(ds["y"], [0.3, -0.7, 0.2])
+    assert {"x", "y", "point"} <= set(ds.coords)

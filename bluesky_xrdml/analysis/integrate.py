@@ -4,8 +4,9 @@ A detector calibrated with pyFAI (a PONI file: distance, beam centre, tilts, pix
 wavelength) turns each ring frame into intensity vs 2θ. ``PowderIntegrator`` keeps one
 pyFAI integrator and its sparse (CSR) look-up table, so every frame after the first costs
 a sparse matrix-vector product. Masked: the detector's own mask (module gaps of a
-Pilatus), a user mask, and per frame every negative pixel (detectors mark dead and gap
-pixels with -1 or -2).
+Pilatus) and a user mask, both built into the look-up table once, and per frame every
+pixel reading -1 or -2 (how detectors mark dead and gap pixels; pyFAI's ``dummy``, at no
+extra cost).
 """
 
 from __future__ import annotations
@@ -97,31 +98,43 @@ class PowderIntegrator:
                                    "after its first frame; pass radial_range=")
         return self.integrate(np.ones(self.shape, np.float32)).two_theta
 
-    def _mask(self, frame: np.ndarray):
-        mask = frame < 0
+    def _static_mask(self, shape) -> None:
+        """The user's mask joins the detector's, once (a per-call mask doubles the cost of
+        every frame)."""
+        if self.user_mask is None or getattr(self, "_masked", None) == shape:
+            return
+        if self.user_mask.shape != shape:
+            raise CalibrationError(f"mask of shape {self.user_mask.shape} for frames of "
+                                   f"shape {shape}")
         detector_mask = self.ai.detector.mask
-        if detector_mask is not None and detector_mask.shape == frame.shape:
+        mask = self.user_mask.copy()
+        if detector_mask is not None and detector_mask.shape == shape:
             mask |= detector_mask.astype(bool)
-        if self.user_mask is not None:
-            if self.user_mask.shape != frame.shape:
-                raise CalibrationError(f"mask of shape {self.user_mask.shape} for frames of "
-                                       f"shape {frame.shape}")
-            mask |= self.user_mask
-        return mask
+        self.ai.detector.mask = mask.astype(np.int8)
+        self.ai.reset()
+        self._masked = shape
 
     def integrate(self, frames) -> Integrated:
-        """One frame (2D) or a stack (N, rows, cols) -> ``Integrated``."""
-        stack = np.asarray(frames)
-        if stack.ndim == 2:
-            stack = stack[None]
-        if self.shape is not None and stack.shape[1:] != self.shape:
-            raise CalibrationError(f"frames of shape {stack.shape[1:]} for a calibration of a "
+        """One frame (2D), a stack (N, rows, cols) or a list of frames -> ``Integrated``
+        (a list is not copied into one array: 2048² frames are 16 MB each)."""
+        if isinstance(frames, list | tuple):
+            stack = [np.asarray(f) for f in frames]
+        else:
+            stack = np.asarray(frames)
+            stack = stack[None] if stack.ndim == 2 else stack
+        shapes = {f.shape for f in stack}
+        if len(shapes) != 1:
+            raise CalibrationError(f"frames of several shapes {sorted(shapes)}")
+        (shape,) = shapes
+        if self.shape is not None and shape != self.shape:
+            raise CalibrationError(f"frames of shape {shape} for a calibration of a "
                                    f"{self.shape} detector: is this the right PONI?")
+        self._static_mask(shape)
         out_i, out_s, tt = [], [], None
         for frame in stack:
             res = self.ai.integrate1d(
                 frame, self.npt, unit="2th_deg", radial_range=self.radial_range,
-                mask=self._mask(frame), method=self.method, error_model="poisson",
+                method=self.method, error_model="poisson", dummy=-1.5, delta_dummy=0.6,
                 polarization_factor=self.polarization, correctSolidAngle=False)
             tt = res.radial
             out_i.append(res.intensity)
@@ -135,5 +148,5 @@ def ring_frame(ai, two_theta, pattern, shape) -> np.ndarray:
     """The expected 2D frame of a powder ``pattern`` (counts vs ``two_theta`` in degrees)
     on a detector of ``shape`` calibrated by ``ai``: each pixel sees the pattern at its
     2θ (for simulations and tests)."""
-    tth = np.degrees(ai.twoThetaArray(shape))
+    tth = ai.center_array(tuple(shape), unit="2th_deg")
     return np.interp(tth, two_theta, pattern, left=0.0, right=0.0)

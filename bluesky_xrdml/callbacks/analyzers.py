@@ -108,13 +108,18 @@ class BraggPeaks:
     a single-peak fit. If the weights cannot be loaded, the classical centroid is used and
     the reason is logged and recorded in the config. ``method="centroid"`` or
     ``"pseudo-voigt"`` selects a classical estimator.
+
+    A frame with more than ``max_peaks`` candidates (powder rings: a calibrant frame gives
+    thousands) is recorded as an error instead of being centred for minutes: give such a
+    detector a pyFAI calibration so that it is integrated instead.
     """
 
     name = "bragg-peaks"
     base_streams = (layout.PEAKS, layout.FRAMES)
 
     def __init__(self, method: str = "braggnn", k: float = 6.0, weights=None,
-                 device: str = "auto", model=None):
+                 device: str = "auto", model=None, max_peaks: int = 2000):
+        self.max_peaks = max_peaks
         if method not in METHODS:
             raise ValueError(f"unknown peak method {method!r}; available: {', '.join(METHODS)}")
         self.k, self.model, self.fallback = k, model, ""
@@ -164,7 +169,14 @@ class BraggPeaks:
             try:
                 frame = check_frame_input(item.value, route.context.get("shape"),
                                           route.context.get("dtype"))
-                prepared.append(prepare(frame, frame_index=item.point, k=self.k))
+                fp = prepare(frame, frame_index=item.point, k=self.k)
+                if len(fp.rows) > self.max_peaks:
+                    raise FrameError(
+                        f"{len(fp.rows)} candidate peaks (more than max_peaks={self.max_peaks})"
+                        ": powder rings rather than spots? Give the detector a pyFAI "
+                        "calibration (XRDMLCallback(calibrations={key: 'file.poni'})) to "
+                        "integrate it, or raise BraggPeaks(max_peaks=...)")
+                prepared.append(fp)
                 used.append(item)
             except FrameError as err:
                 errors.append((item.point, str(err)))

@@ -18,11 +18,16 @@ import json
 import numpy as np
 
 from .. import layout
-from ..analysis.integrate import PowderIntegrator
+from ..analysis.integrate import METHOD, PowderIntegrator
 from ..analysis.peaks import FrameError
 from .analyzers import Item, Route, _array_shape, _config_value
 
 INTEGRATED = "integrated"
+
+# integrators with their look-up tables, shared by every callback of the process: building
+# one costs seconds (a 2048² frame), using it tens of milliseconds
+_CACHE: dict = {}
+_CACHE_SIZE = 8
 
 
 class PowderIntegration:
@@ -31,21 +36,25 @@ class PowderIntegration:
     ``npt`` and ``radial_range`` (degrees) set the 2θ grid: give the grid a model was
     trained on (``pqnet-demo``: 2048 points, 1-11°) for PQ-Net to take the patterns.
     ``masks``: data key -> boolean mask (True = leave out), added to the detector's.
+    ``method``: pyFAI's (splitting, algorithm, implementation); the default splits pixels
+    over the bins they cover ("bbox"), ``("no", "csr", "cython")`` is about twice as fast
+    (CeO2 peaks within 0.003° of Dioptas' instead of 0.0001°).
     """
 
     name = "integrate"
     base_streams = (INTEGRATED,)
 
     def __init__(self, calibrations: dict | None = None, npt: int = 2048, radial_range=None,
-                 masks: dict | None = None, polarization: float | None = None):
+                 masks: dict | None = None, polarization: float | None = None,
+                 method=METHOD):
         self.calibrations = dict(calibrations or {})
         self.npt, self.radial_range = npt, radial_range
         self.masks, self.polarization = dict(masks or {}), polarization
-        self._integrators: dict = {}  # (key, calibration id) -> PowderIntegrator (CSR cached)
+        self.method = tuple(method)
 
     @property
     def config(self) -> dict:
-        return {"npt": self.npt, "radial_range": self.radial_range,
+        return {"npt": self.npt, "radial_range": self.radial_range, "method": list(self.method),
                 "calibrations": {k: (v if isinstance(v, str | dict) else type(v).__name__)
                                  for k, v in self.calibrations.items()}}
 
@@ -58,15 +67,25 @@ class PowderIntegration:
         return poni or None
 
     def integrator(self, key: str, calibration, shape) -> PowderIntegrator:
-        ident = (key, calibration if isinstance(calibration, str) else id(calibration),
-                 tuple(shape))
-        if ident not in self._integrators:
+        if isinstance(calibration, str):
+            cal_id = calibration
+        elif isinstance(calibration, dict):
+            cal_id = json.dumps(calibration, sort_keys=True, default=str)
+        else:
+            cal_id = id(calibration)
+        mask = self.masks.get(key)
+        ident = (cal_id, tuple(shape), self.npt, tuple(self.radial_range or ()),
+                 None if mask is None else id(mask), self.polarization, self.method)
+        if ident not in _CACHE:
             integ = PowderIntegrator(calibration, npt=self.npt, radial_range=self.radial_range,
-                                     mask=self.masks.get(key), polarization=self.polarization)
+                                     mask=mask, polarization=self.polarization,
+                                     method=self.method)
             # the 2θ grid and the CSR table, built once from a blank frame of the key's shape
             integ.grid = integ.integrate(np.ones(shape, np.float32)).two_theta
-            self._integrators[ident] = integ
-        return self._integrators[ident]
+            while len(_CACHE) >= _CACHE_SIZE:
+                _CACHE.pop(next(iter(_CACHE)))
+            _CACHE[ident] = integ
+        return _CACHE[ident]
 
     def match(self, key: str, data_key: dict, descriptor: dict):
         shape = _array_shape(data_key)
@@ -121,7 +140,7 @@ class PowderIntegration:
                 errors.append((item.point, str(err)))
         rows = []
         if good:
-            res = integ.integrate(np.stack([g[1] for g in good]))
+            res = integ.integrate([g[1] for g in good])
             for (item, _), y, s in zip(good, res.intensity, res.sigma):
                 rows.append({"point": item.point, "detector": route.key, **item.positions,
                              "intensity": y, "sigma": s})

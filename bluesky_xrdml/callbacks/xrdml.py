@@ -33,14 +33,18 @@ class XRDMLCallback(RunRouter):
     Parameters
     ----------
     analyses : list, optional
-        Analysis objects (see ``callbacks.analyzers``); by default every one available:
-        Bragg peaks on 2D frames, ROI intensities on 1D powder patterns.
+        Analysis objects (``BraggPeaks``, ``RoiIntensities``, ``PhaseQuantification``, or
+        your own with ``match``/``streams``/``analyze``/``finish``) or their names
+        (``"bragg-peaks"``, ``"roi"``, ``"pqnet"``; unknown names are refused with the
+        list); by default every one available: Bragg peaks on 2D frames, ROI intensities
+        and PQ-Net on 1D powder patterns.
     rois, phases :
         Shortcuts for the default ROI analysis: explicit ``Roi`` windows, or phases
         (name -> pymatgen ``Structure``) whose strongest free reflection becomes a ROI.
     models : dict, optional
         Your own weights for the default analyses' models, e.g.
-        ``{"braggnn": "my-braggnn.safetensors"}``; the shipped weights otherwise.
+        ``{"braggnn": "my-braggnn.safetensors", "pqnet": "my-phases.safetensors"}``; the
+        shipped weights otherwise.
     queue_size : int
         Bound of the queue between the RunEngine and the worker. When full, the
         RunEngine waits (counted in ``stats.stalls``); nothing is dropped.

@@ -1,5 +1,5 @@
-"""Simulated ophyd hardware for demos and tests: a sample stage and two detectors; a
-cycling battery cell and the powder detector that looks through it."""
+"""Simulated ophyd hardware for demos and tests: a sample stage and detectors; a cycling
+battery cell and the powder detector that looks through it."""
 
 from .area import BraggSpotDetector
 from .beamline import sim_beamline
@@ -7,7 +7,8 @@ from .cell import BatteryCell
 from .files import HDF5AreaDetector
 from .operando import OperandoDetector
 from .powder import PowderDetector
+from .rings import RingDetector
 from .signals import ArraySignal
 
 __all__ = ["ArraySignal", "BatteryCell", "BraggSpotDetector", "HDF5AreaDetector",
-           "OperandoDetector", "PowderDetector", "sim_beamline"]
+           "OperandoDetector", "PowderDetector", "RingDetector", "sim_beamline"]

@@ -116,3 +116,72 @@ class HDF5AreaDetector(BraggSpotDetector):
 
     def collect_asset_docs(self):
         yield from self.writer.collect_asset_docs()
+
+
+class StreamHDF5Detector:
+    """An ophyd-async-style detector for step scans: frames of ``source()`` go to one HDF5
+    file per run; it emits one ``stream_resource`` and a ``stream_datum`` per frame (the
+    RunEngine fills in descriptor and seq_nums), and its events carry no frame at all.
+    Implements the bluesky protocols directly (Readable, Triggerable, Stageable,
+    WritesStreamAssets)."""
+
+    def __init__(self, name: str, source, shape, directory, dtype="<u2"):
+        self.name, self.parent = name, None
+        self.source, self.shape, self.dtype = source, tuple(shape), np.dtype(dtype)
+        self.directory = Path(directory)
+        self.key = f"{name}_image"
+        self._file = self._bundle = None
+        self._index = 0
+        self._assets: deque = deque()
+
+    def describe(self):
+        return {self.key: {"source": f"file:{self.directory}", "dtype": "array",
+                           "shape": [1, *self.shape], "dtype_numpy": self.dtype.str,
+                           "external": "STREAM:"}}
+
+    def read(self):
+        return {}
+
+    def stage(self):
+        import h5py
+        from event_model import compose_stream_resource
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"{self.name}_{uuid.uuid4().hex[:12]}.h5"
+        self._file = h5py.File(path, "w", libver="latest")
+        self._dataset = self._file.create_dataset(
+            DATASET, shape=(0, *self.shape), maxshape=(None, *self.shape), dtype=self.dtype,
+            chunks=(1, *self.shape))
+        self._file.swmr_mode = True
+        self._bundle = compose_stream_resource(
+            mimetype="application/x-hdf5", uri=f"file://localhost{path}", data_key=self.key,
+            parameters={"dataset": DATASET, "swmr": True})
+        self._assets.append(("stream_resource", self._bundle.stream_resource_doc))
+        self._index = 0
+        return [self]
+
+    def unstage(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        return [self]
+
+    def trigger(self):
+        from ophyd.sim import NullStatus
+
+        frame = np.asarray(self.source(), self.dtype)
+        self._dataset.resize(self._index + 1, axis=0)
+        self._dataset[self._index] = frame
+        self._dataset.flush()
+        self._assets.append(("stream_datum", self._bundle.compose_stream_datum(
+            indices={"start": self._index, "stop": self._index + 1},
+            seq_nums={"start": 0, "stop": 0})))
+        self._index += 1
+        return NullStatus()
+
+    def get_index(self) -> int:
+        return self._index
+
+    def collect_asset_docs(self, index=None):
+        while self._assets:
+            yield self._assets.popleft()
