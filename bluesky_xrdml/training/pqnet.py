@@ -12,6 +12,7 @@ simulated with the exact (every peak evaluated) path, and the card records the m
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Annotated
@@ -350,7 +351,8 @@ def train(phases: dict, out: str | Path, *, wavelength: float = 0.1771,
           minutes: float | None = None, seed: int = 0, arch: dict | None = None,
           n_validation: int = 2000, name: str | None = None, version: str = "1.0",
           presence: bool = True, references: dict | None = None, reference_steps: int = 300,
-          resume: str | Path | None = None, log=print, progress: bool = True) -> dict:
+          resume: str | Path | None = None, calibration: dict | None = None, log=print,
+          progress: bool = True) -> dict:
     """Train an ensemble for ``phases`` (name -> Structure), save weights + card + loss
     curve at ``out`` (.safetensors, .json, .png). Returns the card.
 
@@ -360,7 +362,8 @@ def train(phases: dict, out: str | Path, *, wavelength: float = 0.1771,
     share). ``references``: phase -> (two_theta, counts) measured pure-phase patterns to
     fine-tune on afterwards for ``reference_steps`` steps (see ``finetune_references``).
     ``resume``: weights of an earlier run of the same phases, grid and architecture to
-    continue from (pass a lower ``lr``)."""
+    continue from (pass a lower ``lr``). ``calibration``: where the instrument profile came
+    from (file, calibrant, fit quality), recorded in the card."""
     from ..simulation.instrument import Instrument
 
     t_start = time.monotonic()
@@ -407,6 +410,8 @@ def train(phases: dict, out: str | Path, *, wavelength: float = 0.1771,
         "two_theta": [float(two_theta[0]), float(two_theta[1]), int(two_theta[2])],
         "instrument_fwhm": float(instrument_fwhm),
         "instrument": instrument.as_dict(),
+        "instrument_calibration": calibration or {
+            "note": "no calibrant: a constant Gaussian FWHM" if not instrument.source else ""},
         "peaks": {n: sim.peaks[n].as_dict() for n in sim.names},
         "presence": bool(presence),
         "ranges": ranges.as_dict(),
@@ -626,8 +631,17 @@ def train_pqnet_command(
     try:
         tt = parse_two_theta(two_theta)
         phases = load_phases(cif, demo_phases, phase)
+        calibration = None
         if profile is not None:
             inst = Instrument.load(profile, wavelength)
+            info = json.loads(Path(profile).read_text())
+            calibration = {
+                "profile_file": Path(profile).name, "calibrant": info.get("calibrant"),
+                "measurement": inst.source, "rwp": info.get("rwp"),
+                "fwhm_rms_deg": info.get("fwhm_rms_deg"), "peaks": len(info.get("peaks", [])),
+                "note": f"instrument profile fitted by `xrdml calibrate profile` to the "
+                        f"{info.get('calibrant')} measurement {inst.source}; that pattern "
+                        "entered training only through this profile"}
         else:
             inst = Instrument.constant(wavelength, instrument_fwhm)
         lab = lab_anode(anode, wavelength)
@@ -652,6 +666,7 @@ def train_pqnet_command(
                      minutes=minutes, seed=seed, n_validation=validation, name=name,
                      version=version, presence=presence, references=refs,
                      reference_steps=reference_steps, resume=resume, lr=lr,
+                     calibration=calibration,
                      log=console.print)
     except ValueError as err:
         console.print(f"[red]{err}[/red]")
