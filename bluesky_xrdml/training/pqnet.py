@@ -158,6 +158,9 @@ def train_ensemble(ensemble: pq.PQNetEnsemble, sim: PowderSimulator, targets: pq
                 done_b += 1
             acc /= max(1, done_b)
             elapsed = time.monotonic() - t0
+            if done_b == 0:  # the time ran out before this pass began
+                log(f"time budget of {minutes} min reached at step {step}/{steps}")
+                break
             history.append({"step": step, "mse": acc[0], "nll": acc[1], "bce": acc[2],
                             "seconds": round(elapsed, 1)})
             info = f"mse {acc[0]:.4f} bce {acc[2]:.3f}"
