@@ -64,7 +64,9 @@ def main():
     tr = model.card.get("training", {})
     print(f"model {model.name} sha256 {model.card['sha256'][:12]}…, {len(model.phases)} phases, "
           f"{model.card['members']} members, {model.two_theta.size} points; trained "
-          f"{tr.get('steps')} steps in {tr.get('minutes')} min on {tr.get('threads')} "
+          f"{tr.get('steps')} steps in "
+          f"{(tr.get('minutes') or 0) + (tr.get('minutes_before') or 0):.1f} min on "
+          f"{tr.get('threads')} "
           f"thread(s); torch threads {torch.get_num_threads()}; "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"instrument: {model.card.get('instrument', 'constant FWHM')}; effects "
