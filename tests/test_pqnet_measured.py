@@ -128,6 +128,7 @@ def test_reference_measurements_fine_tune_and_are_recorded(tmp_path):
     model = pqnet.load(out)
     ds = model.predict(ref)
     assert ds["fraction"].sel(phase="NiO").item() > 0.8
+    assert ds["presence"].sel(phase="NiO").item() > 0.5 > ds["presence"].sel(phase="CeO2").item()
     with pytest.raises(ValueError, match="PHASE=FILE"):
         training.parse_references(["nio.xy"])
     with pytest.raises(ValueError, match="not phases of the model"):
