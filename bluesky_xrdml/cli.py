@@ -17,6 +17,9 @@ console = Console(soft_wrap=True)
 from .training.cli import train_app  # noqa: E402
 
 app.add_typer(train_app, name="train")
+from .calibrate_cli import calibrate_app  # noqa: E402
+
+app.add_typer(calibrate_app, name="calibrate")
 
 from . import remote_cli  # noqa: E402
 

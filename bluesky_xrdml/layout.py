@@ -24,7 +24,12 @@ Streams (a stream is only present when its analysis ran):
             ``dims``; coordinate arrays are data keys named after their dimension
 ``sinograms`` XRD-CT only: the per-ROI sinograms (rotation × translation) before FBP
 ``phases``  one event per 1D pattern quantified by PQ-Net: point, ``<phase>_<parameter>``
-            (scale, fraction, size_nm, lattice_a, ...) and ``_std``, detector, motors
+            (scale, fraction, size_nm, lattice_a, ..., presence) and ``_std``, detector,
+            motors; ``rwp`` and ``unexplained`` when the model can explain its prediction
+``residuals`` per PQ-Net pattern: point, detector, residual (measured − implied), rwp,
+            unexplained
+``flags``   one event per pattern PQ-Net explains poorly: point, detector, flag, rwp,
+            unexplained (a flag, not an error: the run does not fail)
 ``errors``  one event per item that failed: point, detector, error (message)
 ==========  ======================================================================
 

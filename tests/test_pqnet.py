@@ -195,6 +195,27 @@ def test_xrdct_phase_maps_follow_the_phantom(RE, beamline, collector, demo_model
     assert outside.sum() > 0  # voxels outside the sample are left out
 
 
+def pattern_run(patterns, two_theta, wavelength, obj="powder"):
+    """The documents of a raw run whose detector ``obj`` recorded ``patterns`` on the 2θ
+    grid ``two_theta`` (configuration) at ``wavelength``, one event each."""
+    run = compose_run()
+    key = {"source": "sim", "dtype": "array", "shape": [len(two_theta)], "dtype_numpy": "<f4",
+           "object_name": obj}
+    conf = {obj: {"data": {f"{obj}_two_theta": list(map(float, two_theta)),
+                           f"{obj}_wavelength": wavelength},
+                  "timestamps": {f"{obj}_two_theta": 0, f"{obj}_wavelength": 0},
+                  "data_keys": {}}}
+    desc = run.compose_descriptor(name="primary", data_keys={f"{obj}_pattern": key},
+                                  configuration=conf, object_keys={obj: [f"{obj}_pattern"]})
+    docs = [("start", run.start_doc), ("descriptor", desc.descriptor_doc)]
+    for y in patterns:
+        docs.append(("event", desc.compose_event(data={f"{obj}_pattern": list(map(float, y))},
+                                                 timestamps={f"{obj}_pattern": 0.0},
+                                                 validate=False)))
+    docs.append(("stop", run.compose_stop()))
+    return docs
+
+
 def test_map_rows_are_live_and_bad_patterns_are_recorded(collector, demo_model):
     cb = XRDMLCallback(analyses=[PhaseQuantification(model=demo_model)])
     cb.subscribe(collector)
@@ -203,21 +224,7 @@ def test_map_rows_are_live_and_bad_patterns_are_recorded(collector, demo_model):
                                   np.full((1, 4), 30.0)) + 30, np.random.default_rng(0))[0]
     nan = good.copy()
     nan[5] = np.nan
-    run = compose_run()
-    key = {"source": "sim", "dtype": "array", "shape": [2048], "dtype_numpy": "<f4",
-           "object_name": "powder"}
-    conf = {"powder": {"data": {"powder_two_theta": TT.tolist(), "powder_wavelength": WL},
-                       "timestamps": {"powder_two_theta": 0, "powder_wavelength": 0},
-                       "data_keys": {}}}
-    desc = run.compose_descriptor(name="primary", data_keys={"powder_pattern": key},
-                                  configuration=conf, object_keys={"powder": ["powder_pattern"]})
-    docs = [("start", run.start_doc), ("descriptor", desc.descriptor_doc)]
-    for y in (good, nan, -good, good):
-        docs.append(("event", desc.compose_event(data={"powder_pattern": y.tolist()},
-                                                 timestamps={"powder_pattern": 0.0},
-                                                 validate=False)))
-    docs.append(("stop", run.compose_stop()))
-    for name, doc in docs:
+    for name, doc in pattern_run((good, nan, -good, good), TT, WL):
         cb(name, doc)
     cb.wait(timeout=60)
     rows = collector.stream("phases")

@@ -43,6 +43,8 @@ from .analyzers import (
 logger = logging.getLogger(__name__)
 
 PHASES = "phases"  # the per-pattern stream
+FLAGS = "flags"  # one row per pattern the model explains poorly
+RESIDUALS = "residuals"  # per pattern: measured − implied pattern on the model's grid
 
 
 class PhaseQuantification:
@@ -55,15 +57,26 @@ class PhaseQuantification:
     routed here (the reason is listed in the run summary). ``rank``: see the module doc;
     ``min_intensity``: XRD-CT voxels whose diffracted signal (Σ scale) is below this share
     of the brightest voxels' hold no phase (background, air): NaN in the maps.
+
+    A pattern on another 2θ grid that covers the model's (e.g. integrated by pyFAI) is
+    resampled onto the model's grid, when the model can (``model.resample``).
+    ``explain``: for a model with ``explain`` (PQ-Net), every ``phases`` row also gets
+    ``rwp`` and ``unexplained`` (share of the intensity above background the phases do not
+    explain), the ``residuals`` stream the residual (measured − the pattern the prediction
+    implies, on the model's grid) per pattern, and a pattern with ``unexplained`` above
+    ``poor_fit`` (default the model's ``POOR_FIT``) a row in the ``flags`` stream, which
+    does not fail the run.
     """
 
     name = "pqnet"
-    base_streams = (PHASES,)
+    base_streams = (PHASES, RESIDUALS, FLAGS)
 
     def __init__(self, weights=None, device: str = "auto", model=None, rank: int | None = 64,
-                 min_intensity: float = 0.05, tolerance_deg: float = 1e-4):
+                 min_intensity: float = 0.05, tolerance_deg: float = 1e-4, explain: bool = True,
+                 poor_fit: float | None = None):
         self.model, self.error = model, ""
         self.rank, self.min_intensity, self.tolerance = rank, min_intensity, tolerance_deg
+        self.explain, self.poor_fit = explain, poor_fit
         if model is None:
             try:
                 from ..models import pqnet, select_device
@@ -88,7 +101,19 @@ class PhaseQuantification:
         if self.model is None:
             return {"error": self.error}
         return {"phases": list(self.model.phases), "parameters": self.parameters,
-                "rank": self.rank, "min_intensity": self.min_intensity}
+                "rank": self.rank, "min_intensity": self.min_intensity,
+                "explain": self._explains, "poor_fit": self._threshold}
+
+    @property
+    def _explains(self) -> bool:
+        return bool(self.explain and self.model is not None and hasattr(self.model, "explain"))
+
+    @property
+    def _threshold(self) -> float | None:
+        if not self._explains:
+            return None
+        return float(self.poor_fit if self.poor_fit is not None
+                     else getattr(self.model, "POOR_FIT", 0.2))
 
     @property
     def parameters(self) -> list[str]:
@@ -118,21 +143,46 @@ class PhaseQuantification:
             return "1D array without a 2θ axis (no '*two_theta' configuration)"
         tt = np.asarray(tt, float)
         model_tt = np.asarray(self.model.two_theta, float)
-        if tt.size != model_tt.size or shape[0] != model_tt.size:
-            return (f"pattern has {shape[0]} points, the model's 2θ grid {model_tt.size}; "
-                    "train a model for this detector (xrdml train pqnet)")
-        if not np.allclose(tt, model_tt, atol=self.tolerance, rtol=0):
-            return (f"2θ axis {tt[0]:.4g}-{tt[-1]:.4g}° differs from the model's "
-                    f"{model_tt[0]:.4g}-{model_tt[-1]:.4g}°")
+        same = (tt.size == model_tt.size and shape[0] == model_tt.size
+                and np.allclose(tt, model_tt, atol=self.tolerance, rtol=0))
+        resample = False
+        if not same:
+            step = model_tt[1] - model_tt[0]
+            ratio = getattr(self.model, "MAX_STEP_RATIO", 1.0)
+            covers = (tt.size == shape[0] and tt[0] <= model_tt[0] + step / 2
+                      and tt[-1] >= model_tt[-1] - step / 2
+                      and np.median(np.diff(tt)) <= ratio * step)
+            if not (covers and hasattr(self.model, "resample")):
+                return (f"2θ axis {tt[0]:.4g}-{tt[-1]:.4g}° in {shape[0]} points does not cover "
+                        f"the model's {model_tt[0]:.4g}-{model_tt[-1]:.4g}° ({model_tt.size} "
+                        "points) at least as finely; train a model for this detector "
+                        "(xrdml train pqnet)")
+            resample = True
         wl = _config_value(descriptor, obj, "wavelength")
         if wl is None:
             return "no wavelength in the configuration"
         if abs(float(wl) - float(self.model.wavelength)) > 1e-4:
             return f"wavelength {float(wl)} Å differs from the model's {self.model.wavelength} Å"
-        return {"two_theta": tt, "wavelength": float(wl)}
+        return {"two_theta": tt, "wavelength": float(wl), "resample": resample}
 
     def streams(self, route: Route, motors) -> dict:
-        return {route.stream(PHASES): layout.phase_keys(self.value_names(), motors)}
+        keys = layout.phase_keys(self.value_names(), motors)
+        for name in self.value_names():
+            if name.endswith("_presence"):  # a probability, not Å
+                for k in (name, f"{name}_std"):
+                    keys[k].pop("units", None)
+        out = {route.stream(PHASES): keys}
+        if self._explains:
+            keys["rwp"] = layout.number()
+            keys["unexplained"] = layout.number()
+            out[route.stream(RESIDUALS)] = {
+                "point": layout.integer(), "detector": layout.string(),
+                "residual": layout.array((self.model.two_theta.size,), ["two_theta"], "counts"),
+                "rwp": layout.number(), "unexplained": layout.number()}
+            out[route.stream(FLAGS)] = {"point": layout.integer(), "detector": layout.string(),
+                                        "flag": layout.string(), "unexplained": layout.number(),
+                                        "rwp": layout.number()}
+        return out
 
     def _rows(self, ds, items, route) -> list[dict]:
         names = set(self.value_names())
@@ -149,11 +199,15 @@ class PhaseQuantification:
         return rows
 
     def analyze(self, route: Route, items: list[Item]):
-        n = self.model.two_theta.size
+        tt = route.context.get("two_theta", self.model.two_theta)
+        n = np.size(tt)
         good, errors = [], []
         for item in items:  # check each so one bad pattern does not sink the batch
             try:
-                good.append((item, check_patterns(item.value, n, reject_constant=True)[0]))
+                y = check_patterns(item.value, n, reject_constant=True)
+                if route.context.get("resample"):
+                    y = self.model.resample(y, tt)
+                good.append((item, y[0]))
             except PatternError as err:
                 errors.append((item.point, str(err)))
         # kept for XRD-CT only, where they are reconstructed at the stop; freed after
@@ -162,12 +216,48 @@ class PhaseQuantification:
             store = route.acc.setdefault("patterns", {})
             for item, y in good:
                 store[item.point] = (y.astype(np.float32), item.positions)
-        rows = []
+        rows, residuals, flags = [], [], []
         if good:
-            ds = self.model.predict(np.stack([g[1] for g in good]))
+            y = np.stack([g[1] for g in good])
+            ds = self.model.predict(y)
             rows = self._rows(ds, [g[0] for g in good], route)
+            if self._explains:
+                residuals, flags = self._explain(y, ds, rows, route)
         route.keep("rows", rows)
-        return {route.stream(PHASES): rows}, errors
+        out = {route.stream(PHASES): rows}
+        if residuals:
+            out[route.stream(RESIDUALS)] = residuals
+        if flags:
+            out[route.stream(FLAGS)] = flags
+        return out, errors
+
+    def _explain(self, y, ds, rows, route):
+        """Rwp and unexplained share into ``rows``; residual rows; flag rows for poor fits."""
+        try:
+            ex = self.model.explain(y, ds)
+        except Exception as err:  # explaining is a bonus: never lose the quantification
+            logger.warning("xrdml: PQ-Net could not explain the patterns: %s", err)
+            for row in rows:
+                row.update(rwp=np.nan, unexplained=np.nan)
+            return [], []
+        flags, residuals = [], []
+        for i, row in enumerate(rows):
+            row.update(rwp=float(ex["rwp"][i]), unexplained=float(ex["unexplained"][i]))
+            residuals.append({"point": row["point"], "detector": route.key,
+                              "residual": ex["residual"][i].astype(float),
+                              "rwp": row["rwp"], "unexplained": row["unexplained"]})
+            if ex["unexplained"][i] > self._threshold:
+                flags.append({"point": row["point"], "detector": route.key,
+                              "flag": (f"poorly explained: {ex['unexplained'][i]:.0%} of the "
+                                       "intensity above the background is not explained by "
+                                       f"the model's phases (Rwp {ex['rwp'][i]:.3f}): a phase "
+                                       "outside the model, or another instrument?"),
+                              "unexplained": float(ex["unexplained"][i]),
+                              "rwp": float(ex["rwp"][i])})
+        if flags:
+            logger.info("xrdml: %d of %d patterns poorly explained by %s", len(flags),
+                        len(rows), getattr(self.model, "name", "the model"))
+        return residuals, flags
 
     def finish(self, route: Route, geometry: Geometry) -> dict:
         if geometry.kind == "xrdct":

@@ -46,12 +46,14 @@ DEFAULT_ARCH = {
 
 class PQNet(nn.Module):
     """One member. ``forward(x, logc)``: x (N, 1, M) normalised pattern, logc (N, 1)
-    → (N, n_phases, n_out, 2) normalised means and log-variances."""
+    → (N, n_phases, n_out, 2) normalised means and log-variances, and with ``presence``
+    (N, n_phases) logits of the probability that each phase is in the pattern (else None)."""
 
-    def __init__(self, n_points: int, n_phases: int, n_out: int, arch: dict | None = None):
+    def __init__(self, n_points: int, n_phases: int, n_out: int, arch: dict | None = None,
+                 presence: bool = False):
         super().__init__()
         arch = {**DEFAULT_ARCH, **(arch or {})}
-        self.n_phases, self.n_out = n_phases, n_out
+        self.n_phases, self.n_out, self.presence = n_phases, n_out, bool(presence)
         c0, k0, s0 = arch["stem"]
         # max-pooling before ReLU (they commute): the activation runs on half the data
         layers = [nn.Conv1d(1, c0, k0, stride=s0, padding=(k0 - s0) // 2), nn.ReLU(True)]
@@ -71,31 +73,38 @@ class PQNet(nn.Module):
             self.parameter_blocks.append(nn.Sequential(
                 nn.Linear(c_in * n + 1, arch["hidden"]), nn.ReLU(True),
                 nn.Linear(arch["hidden"], arch["hidden"]), nn.ReLU(True),
-                nn.Linear(arch["hidden"], 2 * n_out)))
+                nn.Linear(arch["hidden"], 2 * n_out + int(self.presence))))
 
     def forward(self, x, logc):
         shared = self.pattern_block(x)
-        out = []
+        out, logits = [], []
+        k = 2 * self.n_out
         for phase, params in zip(self.phase_blocks, self.parameter_blocks):
-            h = torch.cat([phase(shared), logc], dim=1)
-            out.append(params(h).view(-1, self.n_out, 2))
-        return torch.stack(out, dim=1)
+            h = params(torch.cat([phase(shared), logc], dim=1))
+            out.append(h[:, :k].reshape(-1, self.n_out, 2))
+            if self.presence:
+                logits.append(h[:, k])
+        return torch.stack(out, dim=1), (torch.stack(logits, dim=1) if self.presence else None)
 
 
 class PQNetEnsemble(nn.Module):
-    """``members`` independently initialised PQNets; ``forward`` → (members, N, P, n_out, 2)."""
+    """``members`` independently initialised PQNets; ``forward`` → (members, N, P, n_out, 2)
+    and presence logits (members, N, P) or None."""
 
     def __init__(self, n_points: int, n_phases: int, n_out: int, members: int = 5,
-                 arch: dict | None = None, seed: int = 0):
+                 arch: dict | None = None, seed: int = 0, presence: bool = False):
         super().__init__()
         nets = []
         for i in range(members):
             torch.manual_seed(seed * 1000 + i)
-            nets.append(PQNet(n_points, n_phases, n_out, arch))
+            nets.append(PQNet(n_points, n_phases, n_out, arch, presence))
         self.members = nn.ModuleList(nets)
+        self.presence = bool(presence)
 
     def forward(self, x, logc):
-        return torch.stack([m(x, logc) for m in self.members])
+        outs = [m(x, logc) for m in self.members]
+        logits = torch.stack([o[1] for o in outs]) if self.presence else None
+        return torch.stack([o[0] for o in outs]), logits
 
 
 def n_parameters(module: nn.Module) -> int:
@@ -153,11 +162,20 @@ class PQNetPredictor:
     """What ``load_model("pqnet-demo")`` returns.
 
     ``predict(patterns)``: counts (N, M) on ``two_theta`` → ``xarray.Dataset`` with
-    ``scale`` (integrated counts × degrees, as the simulator's ``scale``), ``fraction``
-    (scale / Σ scale), ``size_nm``, ``lattice_a`` (+ ``lattice_b``/``lattice_c`` where a
-    phase has them; NaN for phases without) and ``<name>_std`` of each, dims
-    ``("pattern", "phase")``.
+    ``scale`` (integrated counts × degrees, as the simulator's ``scale``), ``fraction``,
+    ``size_nm``, ``lattice_a`` (+ ``lattice_b``/``lattice_c`` where a phase has them; NaN
+    for phases without) and ``<name>_std`` of each, dims ``("pattern", "phase")``.
+
+    Models trained with presence heads (``card["presence"]``) also give ``presence``: the
+    calibrated probability that the phase is in the pattern; ``fraction`` is then the
+    presence-weighted share, p_j s_j / Σ_k p_k s_k, so a phase the model does not see takes
+    no share of the others. ``predict(patterns, two_theta=...)`` takes patterns on another
+    2θ grid and resamples them onto the model's (``resample``). ``explain`` gives the
+    pattern the prediction implies, the residual and a goodness of fit.
     """
+
+    POOR_FIT = 0.2  # ``explain``: a pattern with more unexplained intensity is flagged
+    MAX_STEP_RATIO = 1.1  # ``resample``: input grids at most this much coarser than the model's
 
     def __init__(self, ensemble: PQNetEnsemble, card: dict, device: str = "cpu",
                  batch_size: int = 1024):
@@ -173,6 +191,9 @@ class PQNetPredictor:
         self.targets = Targets([card["nominal"][p] for p in self.phases],
                                ranges["lattice_rel"], ranges["size_nm"])
         self.std_scale = {k: float(v) for k, v in card.get("std_scale", {}).items()}
+        self.presence = bool(card.get("presence", False))
+        self.temperature = float(card.get("presence_temperature", 1.0))
+        self._sim = None
 
     @property
     def name(self) -> str:
@@ -193,33 +214,74 @@ class PQNetPredictor:
     @property
     def parameters(self) -> list[str]:
         """Result variables (without ``_std``) in the order ``predict`` returns them."""
-        return ["scale", "fraction", "size_nm", *self.lattice_names]
+        extra = ["presence"] if self.presence else []
+        return ["scale", "fraction", "size_nm", *self.lattice_names, *extra]
 
-    def members_output(self, patterns) -> np.ndarray:
-        """Raw (members, N, P, n_out, 2) normalised means/log-variances, float64."""
+    def resample(self, patterns, two_theta) -> np.ndarray:
+        """Patterns (N, K) on the grid ``two_theta`` (K,) → (N, M) on the model's grid:
+        linear interpolation, counts scaled by the ratio of the steps (so the integrated
+        counts stay). The model's grid must lie inside ``two_theta``."""
+        y = np.atleast_2d(np.asarray(patterns, float))
+        tt = np.asarray(two_theta, float).reshape(-1)
+        if tt.size != y.shape[1]:
+            raise PatternError(f"two_theta has {tt.size} points, the patterns {y.shape[1]}")
+        if tt.size == self.two_theta.size and np.allclose(tt, self.two_theta, atol=1e-6):
+            return y
+        step_in = float(np.median(np.diff(tt)))
+        step = float(self.two_theta[1] - self.two_theta[0])
+        if step_in > self.MAX_STEP_RATIO * step:
+            raise PatternError(
+                f"the patterns' 2θ step {step_in:.4g}° is coarser than the model's {step:.4g}° "
+                f"({self.two_theta.size} points): interpolation cannot restore the peak shapes; "
+                "train a model on this detector's grid (xrdml train pqnet --two-theta ...)")
+        if tt[0] > self.two_theta[0] + step / 2 or tt[-1] < self.two_theta[-1] - step / 2:
+            raise PatternError(
+                f"the patterns cover 2θ {tt[0]:.4g}-{tt[-1]:.4g}°, the model needs "
+                f"{self.two_theta[0]:.4g}-{self.two_theta[-1]:.4g}°; train a model for this "
+                "detector's range (xrdml train pqnet --two-theta START:STOP:N)")
+        out = np.stack([np.interp(self.two_theta, tt, row) for row in y])
+        return out * (step / step_in)
+
+    def members_output(self, patterns):
+        """Raw (members, N, P, n_out, 2) normalised means/log-variances, float64, and the
+        presence logits (members, N, P) (None for models without presence heads)."""
         y = check_patterns(patterns, self.two_theta.size)
-        out = []
+        out, logits = [], []
         with torch.inference_mode():
             for start in range(0, len(y), self.batch_size):
                 x, logc = prepare(y[start:start + self.batch_size])
-                out.append(self.ensemble(x.to(self.device), logc.to(self.device)).float().cpu())
+                o, lg = self.ensemble(x.to(self.device), logc.to(self.device))
+                out.append(o.float().cpu())
+                if lg is not None:
+                    logits.append(lg.float().cpu())
+        m = len(self.ensemble.members)
         if not out:
-            m = len(self.ensemble.members)
-            return np.zeros((m, 0, len(self.phases), self.targets.n_out, 2))
-        return torch.cat(out, dim=1).double().numpy()
+            return (np.zeros((m, 0, len(self.phases), self.targets.n_out, 2)),
+                    np.zeros((m, 0, len(self.phases))) if self.presence else None)
+        lg = torch.cat(logits, dim=1).double().numpy() if logits else None
+        return torch.cat(out, dim=1).double().numpy(), lg
 
-    def predict(self, patterns):
-        """Counts (N, M) (or one pattern (M,)) → ``xarray.Dataset`` (see the class doc)."""
+    def presence_probability(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated per-member probabilities from presence logits (temperature scaling)."""
+        return 1.0 / (1.0 + np.exp(-np.clip(logits / self.temperature, -40, 40)))
+
+    def predict(self, patterns, two_theta=None):
+        """Counts (N, M) (or one pattern (M,)) → ``xarray.Dataset`` (see the class doc).
+        ``two_theta``: the patterns' own 2θ grid, when it is not the model's."""
         import xarray as xr
 
+        if two_theta is not None:
+            patterns = self.resample(check_patterns(patterns, np.size(two_theta)), two_theta)
         y = check_patterns(patterns, self.two_theta.size)
-        raw = self.members_output(y)
+        raw, logits = self.members_output(y)
         total = y.sum(axis=1) * (self.two_theta[1] - self.two_theta[0])  # counts × degrees
         mean, var = raw[..., 0], np.exp(np.clip(raw[..., 1], -20, 10))
         phys, pvar = self.targets.decode(mean, var)  # each (members, N, P[, F])
         share = np.clip(phys["share"], 0.0, None)
         scale_m = share * total[None, :, None]
-        frac_m = share / np.clip(share.sum(axis=-1, keepdims=True), 1e-12, None)
+        prob = self.presence_probability(logits) if logits is not None else np.ones_like(share)
+        weighted = share * prob
+        frac_m = weighted / np.clip(weighted.sum(axis=-1, keepdims=True), 1e-12, None)
 
         def combine(values, variances, key):
             mu = values.mean(axis=0)
@@ -229,8 +291,8 @@ class PQNetPredictor:
         out = {}
         out["scale"] = combine(scale_m, pvar["share"] * total[None, :, None] ** 2, "scale")
         # fraction: members' fractions; its variance propagated from the share variances
-        share_sum = np.clip(share.sum(axis=-1, keepdims=True), 1e-12, None)
-        frac_var = np.minimum(pvar["share"] * ((1 - frac_m) / share_sum) ** 2, 0.25)
+        share_sum = np.clip(weighted.sum(axis=-1, keepdims=True), 1e-12, None)
+        frac_var = np.minimum(pvar["share"] * (prob * (1 - frac_m) / share_sum) ** 2, 0.25)
         out["fraction"] = combine(frac_m, frac_var, "fraction")
         out["size_nm"] = combine(phys["size_nm"], pvar["size_nm"], "size_nm")
         for name in self.lattice_names:
@@ -243,16 +305,94 @@ class PQNetPredictor:
                     m_, s_ = combine(phys["lattice"][..., j, i], pvar["lattice"][..., j, i], name)
                     mu[:, j], sd[:, j] = m_, s_
             out[name] = (mu, sd)
+        if logits is not None:
+            out["presence"] = (prob.mean(axis=0), prob.std(axis=0))
         data = {}
         for key, (mu, sd) in out.items():
             data[key] = (("pattern", "phase"), mu)
             data[f"{key}_std"] = (("pattern", "phase"), sd)
         ds = xr.Dataset(data, coords={"phase": self.phases, "pattern": np.arange(len(y))})
-        units = {"scale": "counts·deg", "fraction": "", "size_nm": "nm"}
+        units = {"scale": "counts·deg", "fraction": "", "size_nm": "nm", "presence": ""}
         for key in out:
             ds[key].attrs["units"] = units.get(key, "Å")
         ds.attrs.update(model=self.name, sha256=self.card.get("sha256", ""))
         return ds
+
+    @property
+    def simulator(self):
+        """The simulator of the model's phases and instrument (peak lists from the card)."""
+        if self._sim is None:
+            from ..simulation.instrument import Instrument
+            from ..simulation.powder import PeakList, PowderSimulator
+
+            inst = self.card.get("instrument")
+            inst = (Instrument.from_dict(inst) if inst else
+                    Instrument.constant(self.wavelength, self.card.get("instrument_fwhm", 0.03)))
+            if "peaks" in self.card:
+                peaks = {n: PeakList.from_dict(self.card["peaks"][n]) for n in self.phases}
+                self._sim = PowderSimulator(None, self.wavelength, self.two_theta,
+                                            instrument=inst, peaks=peaks)
+            else:  # cards before peak lists were stored: the demo phases
+                from ..simulation.structures import demo_structures
+
+                structures = demo_structures()
+                missing = [p for p in self.phases if p not in structures]
+                if missing:
+                    raise ValueError(f"the card of {self.name} holds no peak lists and "
+                                     f"{missing} are not demo phases: retrain the model")
+                self._sim = PowderSimulator({p: structures[p] for p in self.phases},
+                                            self.wavelength, self.two_theta, instrument=inst)
+        return self._sim
+
+    def explain(self, patterns, ds=None, two_theta=None, background_degree: int = 8):
+        """How well the prediction explains each pattern.
+
+        The pattern the prediction implies (every phase at its predicted scale × presence,
+        lattice and size, on the model's instrument) plus a smooth background (Chebyshev
+        polynomial fitted to what the phases leave, peaks above it excluded) → dict of
+        ``implied`` (N, M), ``residual`` = measured − implied (N, M), ``rwp`` (N,) the
+        weighted profile R (weights 1/max(counts, 1)), ``unexplained`` (N,) the share of
+        the intensity above the background that the phases do not explain (beyond 2σ of
+        counting noise) and ``poor`` (N,) bool: ``unexplained`` > ``POOR_FIT``.
+        """
+        if two_theta is not None:
+            patterns = self.resample(check_patterns(patterns, np.size(two_theta)), two_theta)
+        y = check_patterns(patterns, self.two_theta.size)
+        ds = self.predict(y) if ds is None else ds
+        sim = self.simulator
+        scale = np.nan_to_num(ds["scale"].values)
+        if "presence" in ds:
+            scale = scale * ds["presence"].values
+        size = np.clip(np.nan_to_num(ds["size_nm"].values, nan=30.0), 1.0, None)
+        lattice = {}
+        for j, p in enumerate(self.phases):
+            cols = [np.nan_to_num(ds[f"lattice_{ax}"].values[:, j],
+                                  nan=float(sim.peaks[p].nominal[i]))
+                    for i, ax in enumerate(self.free[p])]
+            lattice[p] = np.stack(cols, axis=1)
+        phases = sim.patterns(scale, lattice, size)
+        x = np.linspace(-1, 1, y.shape[1])
+        basis = np.polynomial.chebyshev.chebvander(x, background_degree)  # (M, D)
+        implied = np.empty_like(y)
+        net = np.empty(len(y))
+        for i in range(len(y)):
+            rest = y[i] - phases[i]
+            keep = np.ones(y.shape[1], bool)
+            for _ in range(4):  # fit, drop what sits well above the background, refit
+                coef = np.linalg.lstsq(basis[keep], rest[keep], rcond=None)[0]
+                bg = basis @ coef
+                keep = rest - bg < 2 * np.sqrt(np.maximum(bg, 1.0))
+            implied[i] = phases[i] + bg
+            net[i] = np.clip(y[i] - bg, 0, None).sum()
+        residual = y - implied
+        sigma = np.sqrt(np.maximum(implied, 1.0))
+        excess = np.clip(np.abs(residual) - 2 * sigma, 0, None).sum(axis=1)
+        unexplained = excess / np.clip(net, 1e-9, None)
+        w = 1.0 / np.maximum(y, 1.0)
+        rwp = np.sqrt((w * residual**2).sum(axis=1) / np.clip((w * y**2).sum(axis=1), 1e-12,
+                                                                 None))
+        return {"implied": implied, "residual": residual, "rwp": rwp,
+                "unexplained": unexplained, "poor": unexplained > self.POOR_FIT}
 
 
 def card_arch(card: dict) -> dict:
@@ -263,14 +403,19 @@ def from_tensors(state: dict, card: dict) -> PQNetEnsemble:
     members = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("members."))
     n_points = int(card["two_theta"][2])
     n_out = 2 + max(len(v) for v in card["free"].values())
-    ensemble = PQNetEnsemble(n_points, len(card["phases"]), n_out, members, card_arch(card))
+    ensemble = PQNetEnsemble(n_points, len(card["phases"]), n_out, members, card_arch(card),
+                             presence=bool(card.get("presence", False)))
     ensemble.load_state_dict(state)
     return ensemble
 
 
 def load(path: str | Path | None = None, device: str = "cpu") -> PQNetPredictor:
-    """The shipped ``pqnet-demo`` ensemble (``path=None``) or your own ``.safetensors``
-    (card beside it)."""
+    """The shipped ``pqnet-demo`` ensemble (``path=None``), another shipped model by name
+    (``"pqnet-oxides"``) or your own ``.safetensors`` (card beside it)."""
+    if path is not None and not Path(path).exists() and "/" not in str(path):
+        shipped = weights_io.WEIGHTS_DIR / f"{Path(path).stem}.safetensors"
+        if shipped.exists():
+            path = shipped
     state, card = weights_io.load(path or SHIPPED)
     if card.get("model", NAME) != NAME:
         raise ValueError(f"{path} holds a {card.get('model')!r} model, not {NAME!r}")
