@@ -283,9 +283,9 @@ def figure(model, path: str):
     truth = sim.truth(omega)
     tables = {m: locate_peaks(frame, method=m, model=model) for m in METHODS}
     bn = tables["braggnn"]
-    streaky = truth[truth["streak_len"] > 4]
-    if len(streaky):  # zoom on a streak
-        r0, c0 = streaky.iloc[0][["row", "col"]]
+    streaky = truth[(truth["streak_len"] > 3) & truth["isolated"]].sort_values("height")
+    if len(streaky):  # zoom on the brightest isolated streak
+        r0, c0 = streaky.iloc[-1][["row", "col"]]
     else:
         r0, c0 = bn.sort_values("intensity").iloc[-1][["row", "col"]]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 4.4), dpi=80)
