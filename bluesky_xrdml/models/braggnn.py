@@ -10,9 +10,13 @@ The reference architecture, as in the authors' public code:
   the 9×9 = 81 positions, its output is projected back to 64 channels and added;
 - fully connected 200 → 16 → 8 → 4 → 2 (LeakyReLU between), ~33 k parameters.
 
-The network predicts the centre divided by the patch size. ``BraggNNPredictor`` wraps a
-deep ensemble of such networks (one forward pass for all members, batched over patches)
-behind ``predict(patches, return_std=False)``. No Bluesky in here.
+The network predicts the centre divided by the patch size. The shipped default
+(``load_model("braggnn")``) is one network of the lean variant ``LEAN``: no non-local
+block, 8/16/8 channels, dense 200 → 64 → 32 → 4, the last two outputs the log-variance of
+the centre (a heteroscedastic head), ~0.2 MFLOP per patch. The reference 5-member ensemble
+is ``load_model("braggnn-ensemble")``. ``BraggNNPredictor`` wraps either behind
+``predict(patches, return_std=False)`` (one forward pass for all members, batched over
+patches). No Bluesky in here.
 """
 
 from __future__ import annotations
