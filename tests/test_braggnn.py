@@ -72,13 +72,22 @@ def test_predict_contract_dtypes_coordinates_and_std(model):
 def test_shipped_weights_have_a_card_with_provenance(model):
     card = json.loads((WEIGHTS_DIR / "braggnn.json").read_text())
     assert card["sha256"] == sha256_file(WEIGHTS_DIR / "braggnn.safetensors")
-    assert card["architecture"]["channels"] == [64, 32, 8]
-    assert card["training"]["labels"] == "true centres"
-    assert card["training"]["recipe"]["kinds"]
-    assert card["metrics"]["all"]["p75"] < 0.2
+    # the default: one lean network with a variance head, ~20× cheaper than the reference
+    assert card["architecture"]["outputs"] == 4 and card["architecture"]["inter"] == 0
+    assert card["flops_per_patch_per_member"] < bnn.flops_per_patch() / 10
+    assert card["training"]["labels"].startswith("true centres")
+    assert {"streak", "saturated", "gap", "sparse"} <= set(card["training"]["recipe"]["kinds"])
+    assert card["metrics"]["isolated"]["p75"] < 0.15
+    assert 0.55 < card["calibration"]["within_1sigma"] < 0.85
     assert model.provenance() == {"name": "braggnn", "version": card["version"],
                                   "sha256": card["sha256"]}
-    assert len(model.ensemble.members) == card["members"] >= 3
+    assert len(model.ensemble.members) == card["members"] == 1
+    # the reference 5-member ensemble stays available on request, same contract
+    ensemble = load_model("braggnn-ensemble", device="cpu")
+    assert len(ensemble.ensemble.members) == 5
+    assert ensemble.provenance()["name"] == "braggnn-ensemble"
+    centre, std = ensemble.predict(np.full((2, 11, 11), 10.0), return_std=True)
+    assert centre.shape == std.shape == (2, 2)
 
 
 @pytest.fixture
@@ -94,14 +103,22 @@ def test_tiny_training_beats_the_patch_centre_guess(tmp_path, one_thread):
     torch.manual_seed(0)
     train = simulate_patches(4000, seed=1, kinds=["isolated"])
     val = simulate_patches(1000, seed=2, kinds=["isolated"])
-    ensemble = bnn.BraggNNEnsemble(1, seed=1)
+    ensemble = bnn.BraggNNEnsemble(1, seed=1, **bnn.arch_kwargs(bnn.architecture(**bnn.LEAN)))
     history = train_ensemble(ensemble, (train["patches"], train["centre"]), 8, batch=128,
                              lr=2e-3, progress=False, decay_from=0.6)
     assert len(history) == 8
     predictor = bnn.BraggNNPredictor(ensemble)
     err = np.hypot(*(predictor.predict(val["patches"]) - val["centre"]).T)
     guess = np.hypot(*(5.0 - val["centre"]).T)  # the trivial baseline: the patch centre
+    # Measured ratio p75(err) / p75(guess): 0.13-0.15 over seeds 0-2 (an untrained network:
+    # 1.03). 0.5 leaves a >3× margin for float32 / thread-count / BLAS differences and
+    # still fails when training does nothing. (It was 0.5 with the reference network, whose
+    # 8 epochs reached 0.49-0.50: no margin; issue 10.)
     assert np.percentile(err, 75) < 0.5 * np.percentile(guess, 75)
+    # the variance head learned something: larger σ where the error is larger
+    _, std = predictor.predict(val["patches"], return_std=True)
+    big = err > np.median(err)
+    assert std[big].mean() > std[~big].mean()
     # a user's own file loads the same way as the shipped one
     from bluesky_xrdml.models import weights
 
@@ -150,14 +167,21 @@ def row_near(table, r, c):
 
 
 def test_edge_and_multi_flags_and_who_centred_them(model):
-    truth = [(24.3, 20.6, 5000), (1.8, 40.2, 5000), (30.2, 50.1, 4000), (32.1, 53.6, 3000)]
+    truth = [(24.3, 20.6, 5000), (1.8, 40.2, 5000), (30.2, 50.1, 4000), (33.1, 54.3, 3000)]
     table = locate_peaks(frame_with(truth), method="braggnn", model=model)
     clean, d0 = row_near(table, 24.3, 20.6)
     assert clean["flag"] == "" and clean["method"] == "braggnn" and d0 < 0.15
     edge, d1 = row_near(table, 1.8, 40.2)
     assert "edge" in edge["flag"] and edge["method"] == "braggnn" and d1 < 0.3
+    # a doublet: BraggNN (trained on neighbours) centres both peaks itself by default ...
     for r, c, _ in truth[2:]:
         row, d = row_near(table, r, c)
+        assert "multi" in row["flag"] and row["method"] == "braggnn"
+        assert d < 0.3, (r, c, d)
+    # ... and the multi-peak fit does it on request
+    fitted = locate_peaks(frame_with(truth), method="braggnn", model=model, fit_multi=True)
+    for r, c, _ in truth[2:]:
+        row, d = row_near(fitted, r, c)
         assert "multi" in row["flag"] and row["method"] == "pseudo-voigt-multi"
         assert d < 0.2, (r, c, d)
     # the centroid of the same pair is pulled toward the neighbour
@@ -170,6 +194,8 @@ def test_uncertain_peaks_are_redone_by_the_fit(model):
     # a threshold of 0 px: every peak the network centred counts as uncertain
     strict = bnn.BraggNNPredictor(model.ensemble, {**model.card, "uncertain_std_px": 0.0})
     table = locate_peaks(frame, method="braggnn", model=strict)
+    assert (table["flag"] == "uncertain").all() and (table["method"] == "braggnn").all()
+    table = locate_peaks(frame, method="braggnn", model=strict, refit_uncertain=True)
     assert (table["flag"] == "uncertain").all() and (table["method"] == "pseudo-voigt").all()
     assert row_near(table, 24.3, 20.6)[1] < 0.15
     # with the calibrated threshold, few bright isolated peaks are flagged, and patches of
@@ -251,23 +277,49 @@ def test_finetune_on_an_archived_run_through_the_cli(tiled_client, RE, beamline,
     assert bad.exit_code != 0 and "no run" in bad.output
 
 
-def test_real_ruby_frames_braggnn_agrees_with_the_fit_on_isolated_spots(model):
+RUBY = "mruby-0129_000004_ff1_000012-cachefile.npz"
+
+
+def test_real_ruby_frames_braggnn_matches_whole_spot_fits(model):
     from conftest import shared_data
 
-    path = shared_data("ruby_dexela", "mruby-0129_000004_ff1_000012-cachefile.npz")
-    z = np.load(path)
-    dist = []
-    frames = sorted({int(k.split("_")[0]) for k in z.files if k.split("_")[0].isdigit()},
-                    key=lambda i: z[f"{i}_data"].size)[-12:]  # the frames with most spots
-    for i in frames:
-        frame = np.zeros(tuple(z["shape"]), np.uint16)
-        frame[z[f"{i}_row"], z[f"{i}_col"]] = z[f"{i}_data"]
-        nn = locate_peaks(frame, method="braggnn", model=model)
-        pv = locate_peaks(frame, method="pseudo-voigt")
-        assert len(nn) == len(pv)  # same candidates, same order
-        both = ((nn["flag"] == "") & (nn["method"] == "braggnn")
-                & (pv["method"] == "pseudo-voigt")).to_numpy()
-        dist.append(np.hypot(nn["row"] - pv["row"], nn["col"] - pv["col"]).to_numpy()[both])
-    dist = np.concatenate(dist)
-    assert len(dist) >= 15
-    assert np.median(dist) < 0.3, np.median(dist)
+    from bluesky_xrdml.training.braggnn import frames_from_cache, label_spots
+
+    frames = frames_from_cache(shared_data("ruby_dexela", RUBY))
+    z = frames.z
+    busiest = sorted(range(len(frames)), key=lambda i: z[f"{i}_data"].size)[-12:]
+    err = {"braggnn": [], "centroid": []}
+    for i in busiest:
+        frame = frames[i]
+        labels = label_spots(frame)[["row", "col"]].to_numpy()
+        for method in err:
+            table = locate_peaks(frame, method=method, model=model)
+            found = table[["row", "col"]].to_numpy()
+            d = np.hypot(labels[:, :1] - found[None, :, 0], labels[:, 1:] - found[None, :, 1])
+            err[method].append(d.min(axis=1))
+    err = {m: np.concatenate(e) for m, e in err.items()}
+    assert len(err["braggnn"]) >= 10
+    assert np.mean(err["braggnn"] < 1.5) >= 0.9  # recall of the labelled isolated spots
+    hit = err["braggnn"][err["braggnn"] < 1.5]
+    assert np.median(hit) < 0.1, np.median(hit)
+
+
+def test_finetune_on_real_frames_from_a_frame_cache(tmp_path):
+    from conftest import shared_data
+
+    path = shared_data("ruby_dexela", RUBY)
+    out = tmp_path / "ruby.safetensors"
+    result = CliRunner().invoke(app, ["train", "braggnn", "--frame-cache", str(path),
+                                      "--frame-step", "24", "--max-frames", "40", "--epochs",
+                                      "3", "--out", str(out), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "held-out spots" in result.output
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["training"]["data"]["frame_cache"] == str(path)
+    assert card["training"]["labelled"]["labelled"] >= 15
+    assert card["training"]["labels"].startswith("whole-spot fits")
+    m = card["metrics"]["held_out_error_vs_labels_px"]
+    assert m["after"]["n"] >= 3 and m["after"]["p75"] < 0.3
+    assert load_model(str(out)).provenance()["sha256"] == card["sha256"]
+    bad = CliRunner().invoke(app, ["train", "braggnn", "--frame-cache", str(tmp_path / "no.npz")])
+    assert bad.exit_code != 0 and "no frame cache" in bad.output

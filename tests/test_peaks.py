@@ -35,8 +35,9 @@ def synthetic(peaks, shape=(64, 64), bg=10.0):
 
 
 def test_edge_and_overlapping_peaks_are_flagged():
+    # a pair 5 px apart (closer pairs, dipping less than 40 % between them, count as one spot)
     frame = synthetic([(30.3, 30.6, 5000), (2.2, 40.0, 5000), (12.0, 12.0, 4000),
-                       (12.0, 15.2, 3000)])
+                       (12.0, 17.0, 3000)])
     table = locate_peaks(frame)
     by_pos = {(round(r), round(c)): f for r, c, f in zip(table["row"], table["col"], table["flag"])}
     assert by_pos[(30, 31)] == ""
@@ -89,3 +90,30 @@ def test_component_finder_matches_labelling_the_whole_frame():
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="available"):
         locate_peaks(synthetic([(30, 30, 3000)]), method="magic")
+
+
+def test_windows_fit_the_spot_and_streaks_are_centred_on_their_centroid():
+    """A spot whose core is wider than 9 px gets a 22×22 window binned to 11×11; compact
+    spots get 11×11 windows centred on the spot; frame coordinates come out right for both."""
+    from bluesky_xrdml.analysis.peaks import prepare
+
+    rows, cols = np.mgrid[0:80, 0:80]
+    expected = np.full((80, 80), 10.0)
+    expected += pseudo_voigt_2d(rows, cols, 20.3, 20.6, 1.2, 1.0, 0.3, 0.1, 5000)  # compact
+    for t in np.linspace(-6, 6, 25):  # a 12 px streak along 30°, symmetric: centre 50.4, 55.2
+        expected += pseudo_voigt_2d(rows, cols, 50.4 + t * np.sin(0.52), 55.2 + t * np.cos(0.52),
+                                    1.0, 1.0, 0.0, 0.0, 400)
+    frame = np.random.default_rng(0).poisson(expected)
+    fp = prepare(frame)
+    assert sorted(fp.scale.tolist()) == [1, 2]
+    table = locate_peaks(frame, method="centroid")
+    assert len(table) == 2
+    compact = table.iloc[np.argmin(np.hypot(table["row"] - 20.3, table["col"] - 20.6))]
+    assert np.hypot(compact["row"] - 20.3, compact["col"] - 20.6) < 0.1
+    streak = table.iloc[np.argmin(np.hypot(table["row"] - 50.4, table["col"] - 55.2))]
+    assert np.hypot(streak["row"] - 50.4, streak["col"] - 55.2) < 0.15
+    # the reference 11×11 window on the brightest pixel cuts the streak: it cannot do better
+    peak = locate_peaks(frame, method="centroid", window="peak")
+    streak_peak = peak.iloc[np.argmin(np.hypot(peak["row"] - 50.4, peak["col"] - 55.2))]
+    assert (np.hypot(streak_peak["row"] - 50.4, streak_peak["col"] - 55.2)
+            >= np.hypot(streak["row"] - 50.4, streak["col"] - 55.2) - 0.02)

@@ -20,6 +20,7 @@ def register(name: str, module: str) -> None:
 
 
 register("braggnn", "bluesky_xrdml.models.braggnn")
+register("braggnn-ensemble", "bluesky_xrdml.models.braggnn_ensemble")
 register("pqnet-demo", "bluesky_xrdml.models.pqnet")
 register("pqnet", "bluesky_xrdml.models.pqnet")  # what a trained model's card says
 register("attention-demo", "bluesky_xrdml.models.attention")

@@ -10,9 +10,13 @@ The reference architecture, as in the authors' public code:
   the 9×9 = 81 positions, its output is projected back to 64 channels and added;
 - fully connected 200 → 16 → 8 → 4 → 2 (LeakyReLU between), ~33 k parameters.
 
-The network predicts the centre divided by the patch size. ``BraggNNPredictor`` wraps a
-deep ensemble of such networks (one forward pass for all members, batched over patches)
-behind ``predict(patches, return_std=False)``. No Bluesky in here.
+The network predicts the centre divided by the patch size. The shipped default
+(``load_model("braggnn")``) is one network of the lean variant ``LEAN``: no non-local
+block, 8/16/8 channels, dense 200 → 64 → 32 → 4, the last two outputs the log-variance of
+the centre (a heteroscedastic head), ~0.2 MFLOP per patch. The reference 5-member ensemble
+is ``load_model("braggnn-ensemble")``. ``BraggNNPredictor`` wraps either behind
+``predict(patches, return_std=False)`` (one forward pass for all members, batched over
+patches). No Bluesky in here.
 """
 
 from __future__ import annotations
@@ -54,15 +58,21 @@ class NonLocalBlock(nn.Module):
 
 class BraggNN(nn.Module):
     """The reference BraggNN. Input ``(N, 1, 11, 11)`` scaled patches; output ``(N, 2)``
-    centre ``(row, col)`` / patch size (centre of pixel [0, 0] is 0)."""
+    centre ``(row, col)`` / patch size (centre of pixel [0, 0] is 0).
+
+    ``inter=0`` leaves out the non-local block (the lean variant ``LEAN`` shipped as the
+    default: ~20× fewer FLOPs). ``outputs=4`` adds a heteroscedastic head: the log-variance
+    of the (row, col) centre / patch size, trained with a Gaussian negative log-likelihood.
+    """
 
     def __init__(self, patch: int = PATCH, channels=(64, 32, 8), fc=(16, 8, 4),
-                 inter: int = 32, slope: float = 0.01):
+                 inter: int = 32, slope: float = 0.01, outputs: int = 2):
         super().__init__()
         self.patch = patch
+        self.outputs = outputs
         c1, c2, c3 = channels
         self.conv1 = nn.Conv2d(1, c1, 3)
-        self.nlb = NonLocalBlock(c1, inter)
+        self.nlb = NonLocalBlock(c1, inter) if inter else nn.Identity()
         self.conv2 = nn.Conv2d(c1, c2, 3)
         self.conv3 = nn.Conv2d(c2, c3, 3)
         self.act = nn.LeakyReLU(slope)
@@ -71,10 +81,14 @@ class BraggNN(nn.Module):
         layers = []
         for a, b in zip(sizes[:-1], sizes[1:]):
             layers += [nn.Linear(a, b), nn.LeakyReLU(slope)]
-        layers.append(nn.Linear(sizes[-1], 2))
+        layers.append(nn.Linear(sizes[-1], outputs))
         self.dense = nn.Sequential(*layers)
-        # start by predicting the patch centre (labels are centre / patch size)
-        nn.init.constant_(self.dense[-1].bias, (patch - 1) / 2 / patch)
+        # start by predicting the patch centre (labels are centre / patch size), and a
+        # variance of about (1 px)²
+        nn.init.constant_(self.dense[-1].bias[:2], (patch - 1) / 2 / patch)
+        if outputs == 4:
+            with torch.no_grad():
+                self.dense[-1].bias[2:] = 2 * np.log(1.0 / patch)
 
     def forward(self, x):
         x = self.act(self.nlb(self.conv1(x)))
@@ -83,13 +97,28 @@ class BraggNN(nn.Module):
         return self.dense(x.flatten(1))
 
 
+# the shipped default: no non-local block, narrow convolutions, a variance head
+LEAN = {"channels": [8, 16, 8], "fc": [64, 32], "inter": 0, "outputs": 4}
+
+
 def architecture(**overrides) -> dict:
-    """The architecture as recorded in a model card."""
+    """The architecture as recorded in a model card (the reference one unless overridden)."""
     arch = {"class": "BraggNN", "patch": PATCH, "channels": [64, 32, 8], "fc": [16, 8, 4],
-            "inter": 32, "slope": 0.01, "nonlocal_after": "conv1", "input": "min-max [0, 1]",
-            "output": "centre (row, col) / patch size"}
+            "inter": 32, "slope": 0.01, "outputs": 2, "nonlocal_after": "conv1",
+            "input": "min-max [0, 1]", "output": "centre (row, col) / patch size"}
     arch.update(overrides)
+    if not arch["inter"]:
+        arch["nonlocal_after"] = None
+    if arch["outputs"] == 4:
+        arch["output"] += " + log-variance of each (heteroscedastic head)"
     return arch
+
+
+def arch_kwargs(arch: dict) -> dict:
+    """Constructor arguments of ``BraggNN`` from a card's architecture."""
+    return {"patch": arch.get("patch", PATCH), "channels": tuple(arch.get("channels", (64, 32, 8))),
+            "fc": tuple(arch.get("fc", (16, 8, 4))), "inter": arch.get("inter", 32),
+            "slope": arch.get("slope", 0.01), "outputs": arch.get("outputs", 2)}
 
 
 def n_parameters(module: nn.Module) -> int:
@@ -101,7 +130,7 @@ def flops_per_patch(net: BraggNN | None = None) -> int:
     net = net or BraggNN()
     p = net.patch
     c1, c2, c3 = net.conv1.out_channels, net.conv2.out_channels, net.conv3.out_channels
-    inter = net.nlb.inter
+    inter = getattr(net.nlb, "inter", 0)
     s1, s2, s3 = p - 2, p - 4, p - 6
     n1 = s1 * s1
     macs = n1 * c1 * 9 + 3 * n1 * c1 * inter + 2 * n1 * n1 * inter + n1 * inter * c1
@@ -125,8 +154,8 @@ def scale_patches(patches) -> torch.Tensor:
 
 
 class BraggNNEnsemble(nn.Module):
-    """A deep ensemble: ``members`` independently initialised BraggNNs. ``forward`` returns
-    ``(members, N, 2)``."""
+    """``members`` independently initialised BraggNNs (one for the default single network
+    with a variance head). ``forward`` returns ``(members, N, outputs)``."""
 
     def __init__(self, members: int = 5, seed: int = 0, **arch):
         super().__init__()
@@ -136,17 +165,25 @@ class BraggNNEnsemble(nn.Module):
             nets.append(BraggNN(**arch))
         self.members = nn.ModuleList(nets)
 
+    @property
+    def outputs(self) -> int:
+        return self.members[0].outputs
+
     def forward(self, x):
+        if len(self.members) == 1:
+            return self.members[0](x).unsqueeze(0)
         return torch.stack([m(x) for m in self.members])
 
 
 class BraggNNPredictor:
-    """What ``load_model("braggnn")`` returns: an ensemble behind ``predict``.
+    """What ``load_model("braggnn")`` returns: one network (or an ensemble) behind ``predict``.
 
     ``predict(patches)``: ``(N, 11, 11)`` raw counts → ``(N, 2)`` float64 ``(row, col)`` in
     patch pixels, the centre of ``patch[0, 0]`` being ``(0, 0)``; the mean over members.
-    ``return_std=True`` adds the members' standard deviation, scaled by the card's
-    ``std_scale`` (calibrated on held-out simulated patches so that it matches the error).
+    ``return_std=True`` adds a standard deviation ``(N, 2)``: the learned per-peak σ of the
+    variance head (its mean over members) combined with the members' spread, scaled by the
+    card's ``std_scale`` (calibrated on held-out simulated patches so that it matches the
+    error).
     """
 
     def __init__(self, ensemble: BraggNNEnsemble, card: dict | None = None,
@@ -158,6 +195,8 @@ class BraggNNPredictor:
         if self.device.type == "cpu":  # NHWC convolutions are ~1.5× faster with oneDNN here
             self.ensemble = self.ensemble.to(memory_format=torch.channels_last)
         self.std_scale = float(self.card.get("std_scale", 1.0))
+        # on a GPU: half precision (AMP) and pinned host memory for the copies
+        self.amp = self.device.type == "cuda"
 
     @property
     def name(self) -> str:
@@ -165,56 +204,90 @@ class BraggNNPredictor:
 
     @property
     def uncertain_px(self) -> float:
-        """Ensemble standard deviation (px) above which a centre is flagged ``uncertain``."""
+        """Standard deviation (px) above which a centre is flagged ``uncertain``."""
         return float(self.card.get("uncertain_std_px", 0.25))
 
     def provenance(self) -> dict:
         return weights_io.provenance(self.card)
 
-    def members_predict(self, patches) -> np.ndarray:
-        """Each member's centres, ``(members, N, 2)`` float64 in patch pixels."""
+    def raw(self, patches) -> np.ndarray:
+        """Each member's outputs, ``(members, N, outputs)`` float64: centre in patch pixels,
+        then (variance head) log-variance of the centre / patch size."""
         x_all = scale_patches(patches)
         out = []
+        members = len(self.ensemble.members)
+        if self.device.type == "cuda":
+            x_all = x_all.pin_memory()
         with torch.inference_mode():
             for start in range(0, len(x_all), self.batch_size):
-                x = x_all[start:start + self.batch_size].to(self.device)
+                x = x_all[start:start + self.batch_size].to(self.device, non_blocking=True)
                 if self.device.type == "cpu":
                     x = x.contiguous(memory_format=torch.channels_last)
-                out.append(self.ensemble(x).float().cpu())
+                with torch.autocast(self.device.type, enabled=self.amp):
+                    out.append(self.ensemble(x).float().cpu())
         if not out:
-            return np.zeros((len(self.ensemble.members), 0, 2))
-        return torch.cat(out, dim=1).double().numpy() * PATCH
+            return np.zeros((members, 0, self.ensemble.outputs))
+        y = torch.cat(out, dim=1).double().numpy()
+        y[..., :2] *= PATCH
+        return y
+
+    def members_predict(self, patches) -> np.ndarray:
+        """Each member's centres, ``(members, N, 2)`` float64 in patch pixels."""
+        return self.raw(patches)[..., :2]
 
     def predict(self, patches, return_std: bool = False):
-        each = self.members_predict(patches)
+        y = self.raw(patches)
+        each = y[..., :2]
         centre = each.mean(axis=0)
         if not return_std:
             return centre
-        std = each.std(axis=0, ddof=1) if len(each) > 1 else np.zeros_like(centre)
-        return centre, std * self.std_scale
+        var = np.zeros_like(centre)
+        if y.shape[-1] == 4:  # learned per-peak variance (of centre / patch size)
+            var += np.exp(np.clip(y[..., 2:], -30, 10)).mean(axis=0) * PATCH**2
+        if len(each) > 1:
+            var += each.var(axis=0, ddof=1)
+        return centre, np.sqrt(var) * self.std_scale
 
 
 def tensors(ensemble: BraggNNEnsemble) -> dict:
     return {k: v for k, v in ensemble.state_dict().items()}
 
 
+def arch_of(state: dict, card: dict) -> dict:
+    """The architecture of saved tensors: read from their shapes (a card may lack it)."""
+    arch = dict(card.get("architecture", {}))
+    w = {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith("members.0.")}
+    dense = sorted((int(k.split(".")[1]), v.shape[0]) for k, v in w.items()
+                   if k.startswith("dense.") and k.endswith(".weight"))
+    arch.update(channels=[int(w[f"conv{i}.weight"].shape[0]) for i in (1, 2, 3)],
+                inter=int(w["nlb.theta.weight"].shape[0]) if "nlb.theta.weight" in w else 0,
+                fc=[int(n) for _, n in dense[:-1]], outputs=int(dense[-1][1]))
+    return arch
+
+
 def from_tensors(state: dict, card: dict) -> BraggNNEnsemble:
-    arch = card.get("architecture", {})
+    arch = arch_of(state, card)
     members = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("members."))
-    ensemble = BraggNNEnsemble(
-        members, patch=arch.get("patch", PATCH), channels=tuple(arch.get("channels", (64, 32, 8))),
-        fc=tuple(arch.get("fc", (16, 8, 4))), inter=arch.get("inter", 32),
-        slope=arch.get("slope", 0.01))
+    ensemble = BraggNNEnsemble(members, **arch_kwargs(arch))
     ensemble.load_state_dict(state)
     return ensemble
 
 
+ENSEMBLE = weights_io.WEIGHTS_DIR / "braggnn-ensemble.safetensors"
+
+
 def load(path: str | Path | None = None, device: str = "cpu") -> BraggNNPredictor:
-    """The shipped ensemble (``path=None``) or your own ``.safetensors`` (card beside it)."""
+    """The shipped network (``path=None``) or your own ``.safetensors`` (card beside it)."""
     state, card = weights_io.load(path or SHIPPED)
     if card.get("model", NAME) != NAME:
         raise ValueError(f"{path} holds a {card.get('model')!r} model, not {NAME!r}")
     return BraggNNPredictor(from_tensors(state, card), card, device=device)
+
+
+def load_ensemble(path: str | Path | None = None, device: str = "cpu") -> BraggNNPredictor:
+    """The shipped 5-member ensemble of reference networks (``load_model("braggnn-ensemble")``),
+    slower, for when you want the ensemble's spread."""
+    return load(path or ENSEMBLE, device=device)
 
 
 def copy_ensemble(ensemble: BraggNNEnsemble) -> BraggNNEnsemble:

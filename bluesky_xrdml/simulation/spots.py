@@ -1,6 +1,7 @@
 """Bragg-spot frames of a rotating single-crystal / grain sample (far-field HEDM style).
 
-Spots are 2D pseudo-Voigt peaks with random widths, ellipticity and rotation. Each spot
+Spots are 2D pseudo-Voigt peaks with random widths, ellipticity and rotation (a fraction
+``streaks`` smeared along a line, as rotation smears them). Each spot
 lights up at its own rotation angle ω₀ with a Gaussian rocking curve, so a rotation scan
 sees spots appear and fade. Some spots are placed near the detector edges and some in
 overlapping pairs, because real frames have both. The true centres are kept by the
@@ -41,6 +42,7 @@ class SpotSimulator:
         background: float = 20.0,
         read_noise: float = 2.0,
         seed: int = 0,
+        streaks: float = 0.0,
     ):
         self.shape = tuple(int(s) for s in shape)
         self.density = density
@@ -48,6 +50,7 @@ class SpotSimulator:
         self.background = background
         self.read_noise = read_noise
         self.seed = seed
+        self.streaks = streaks
         self._bins: dict[int, pd.DataFrame] = {}
 
     def _spots_in_bin(self, b: int) -> pd.DataFrame:
@@ -78,6 +81,13 @@ class SpotSimulator:
                     "amplitude": np.exp(rng.uniform(np.log(150), np.log(20000), n)),
                 }
             )
+            # a fraction ``streaks`` is smeared by the rotation along a line 2-8 px long in
+            # any direction (symmetric profile: the centre stays the intensity centroid)
+            # (own random stream: frames without streaks stay as they were)
+            rs = np.random.default_rng([self.seed, b % 360, 1])
+            streak = rs.random(n) < self.streaks
+            spots["streak_len"] = np.where(streak, rs.uniform(2.0, 8.0, n), 0.0)
+            spots["streak_dir"] = rs.uniform(0, np.pi, n)
             # ~10 % get an overlapping partner 2.5-4 px away at nearly the same ω
             partners = spots[rng.random(n) < 0.1].copy()
             ang = rng.uniform(0, 2 * np.pi, len(partners))
@@ -109,7 +119,7 @@ class SpotSimulator:
         dist[:, spots["height"].to_numpy() < 20] = np.inf  # faint neighbours do not count
         nr, nc = self.shape
         margin = np.minimum.reduce([r, c, nr - 1 - r, nc - 1 - c])
-        out = spots[["row", "col", "height"]].copy()
+        out = spots[["row", "col", "height", "streak_len"]].copy()
         out["edge"] = margin < EDGE_PX
         nearest = dist.min(axis=1) if len(spots) > 1 else np.full(len(spots), np.inf)
         out["isolated"] = (nearest > ISOLATION_PX) & ~out["edge"]
@@ -127,10 +137,16 @@ class SpotSimulator:
             half = int(min(128, max(6, np.ceil(np.sqrt(rho2) * max(s.hw_r, s.hw_c)))))
             r0, r1 = max(int(s.row) - half, 0), min(int(s.row) + half + 1, nr)
             c0, c1 = max(int(s.col) - half, 0), min(int(s.col) + half + 1, nc)
-            frame[r0:r1, c0:c1] += pseudo_voigt_2d(
-                rows[r0:r1, c0:c1], cols[r0:r1, c0:c1],
-                s.row, s.col, s.hw_r, s.hw_c, s.angle, s.eta, s.height,
-            )
+            half += int(np.ceil(s.streak_len / 2))
+            r0, r1 = max(int(s.row) - half, 0), min(int(s.row) + half + 1, nr)
+            c0, c1 = max(int(s.col) - half, 0), min(int(s.col) + half + 1, nc)
+            steps = np.linspace(-0.5, 0.5, 9) * s.streak_len if s.streak_len else [0.0]
+            for t in steps:
+                frame[r0:r1, c0:c1] += pseudo_voigt_2d(
+                    rows[r0:r1, c0:c1], cols[r0:r1, c0:c1], s.row + t * np.sin(s.streak_dir),
+                    s.col + t * np.cos(s.streak_dir), s.hw_r, s.hw_c, s.angle, s.eta,
+                    s.height / len(steps) * (1.6 if s.streak_len else 1.0),
+                )
         return frame
 
     def frame(self, omega: float, rng: np.random.Generator | None = None) -> np.ndarray:

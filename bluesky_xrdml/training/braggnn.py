@@ -1,12 +1,13 @@
-"""Training BraggNN ensembles: from simulation (true centres) or fine-tuned on a user's frames.
+"""Training BraggNN: from simulation (true centres) or fine-tuned on a user's frames.
 
 - ``train_from_simulation``: fresh simulated patches every epoch (``patches.simulate_patches``),
-  the network trained against the TRUE centres so it can beat a fit; Adam (lr 3e-4,
-  batch 512), MSE on centre / patch size; every member of the deep ensemble starts from
-  its own seed and sees its own shuffles.
-- ``finetune_from_frames``: the authors' workflow on your own data: peaks found in your
-  frames, isolated ones labelled by 2D pseudo-Voigt fits (``analysis.fitting``), the
-  ensemble fine-tuned on them (with the 8 flips/transposes of each patch).
+  the network trained against the TRUE centres (the intensity centroid of the whole spot)
+  so it can beat a fit; Adam, MSE on centre / patch size, plus the Gaussian NLL of the
+  variance head. One lean network by default; an ensemble on request.
+- ``finetune_from_frames``: the authors' workflow on your own data: spots found in your
+  frames, isolated ones labelled by whole-spot fits (``label_spots``:
+  ``analysis.fitting.fit_spot``), the network fine-tuned on them (with the 8
+  flips/transposes of each patch), the gain measured on held-out frames.
 
 Both write ``.safetensors`` + a JSON model card (``models.weights.save``) and a loss-curve
 PNG beside it.
@@ -21,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..analysis.fitting import fit_patches
 from ..models import braggnn as bnn
 from ..models import weights as weights_io
 from .patches import KINDS, RECIPE, simulate_patches
@@ -51,6 +51,21 @@ def _dihedral(patches: np.ndarray, centres: np.ndarray, rng) -> tuple[np.ndarray
     p[fc] = p[fc, :, ::-1]
     c[fc, 1] = last - c[fc, 1]
     return p, c
+
+
+def _losses(out: torch.Tensor, y: torch.Tensor):
+    """``(MSE of the centre, Gaussian NLL of the variance head)``. The head learns the
+    variance of the residual with the centre detached, so the centre is trained by MSE
+    alone (as the reference) and the variance cannot trade accuracy for a wider σ."""
+    mse = torch.nn.functional.mse_loss(out[:, :2], y)
+    if out.shape[1] == 2:
+        return mse, torch.zeros((), dtype=out.dtype)
+    logvar = out[:, 2:].clamp(-30, 10)
+    resid2 = (out[:, :2].detach() - y) ** 2
+    nll = 0.5 * (logvar + resid2 * torch.exp(-logvar)).mean()
+    # NLL is O(10) while the MSE of centre / patch size is O(1e-3): weight it down so the
+    # shared layers keep serving the centre first
+    return mse, 1e-3 * nll
 
 
 def train_ensemble(ensemble: bnn.BraggNNEnsemble, data, epochs: int, *, batch: int = 512,
@@ -97,12 +112,15 @@ def train_ensemble(ensemble: bnn.BraggNNEnsemble, data, epochs: int, *, batch: i
                     group["lr"] = lr * _lr_factor(progress_frac, decay_from)
                 opt.zero_grad(set_to_none=True)
                 loss = 0.0
+                mse_sum = 0.0
                 for m, perm in zip(members, perms):
                     idx = perm[s * batch:(s + 1) * batch]
-                    loss = loss + torch.nn.functional.mse_loss(m(x[idx]), y[idx])
+                    mse, nll = _losses(m(x[idx]), y[idx])
+                    loss = loss + mse + nll
+                    mse_sum += mse.item()
                 loss.backward()
                 opt.step()
-                losses.append(loss.item() / len(members))
+                losses.append(mse_sum / len(members))
                 step += 1
                 if budget and time.perf_counter() - t0 > budget:
                     break
@@ -112,7 +130,7 @@ def train_ensemble(ensemble: bnn.BraggNNEnsemble, data, epochs: int, *, batch: i
             if val is not None:
                 with torch.inference_mode():
                     ensemble.eval()
-                    pred = ensemble(val_x).mean(0).double().numpy() * PATCH
+                    pred = ensemble(val_x)[..., :2].mean(0).double().numpy() * PATCH
                     ensemble.train()
                 err = np.hypot(*(pred - np.asarray(val[1])).T)
                 record.update(val_p50_px=float(np.percentile(err, 50)),
@@ -123,6 +141,8 @@ def train_ensemble(ensemble: bnn.BraggNNEnsemble, data, epochs: int, *, batch: i
             if "val_p75_px" in record:
                 desc += f", val p75 {record['val_p75_px']:.3f} px"
             bar.update(task, advance=1, description=desc)
+            if progress and not bar.console.is_terminal:  # a log file: plain lines
+                log(f"{desc} ({record['seconds']:.0f} s)")
             if budget and time.perf_counter() - t0 > budget:
                 log(f"time budget of {minutes} min reached after {epoch + 1} epochs")
                 break
@@ -138,10 +158,18 @@ def percentiles(err: np.ndarray) -> dict:
             "n": int(len(err))}
 
 
+def coverage(diff: np.ndarray, std: np.ndarray) -> dict:
+    """Fraction of per-coordinate errors within 1σ and 2σ (0.683 / 0.954 for a Gaussian)."""
+    z = np.abs(np.asarray(diff)) / np.maximum(np.asarray(std), 1e-12)
+    return {"within_1sigma": float(np.mean(z < 1)), "within_2sigma": float(np.mean(z < 2)),
+            "n": int(z.size)}
+
+
 def calibrate(predictor: bnn.BraggNNPredictor, patches, centres, kinds=None,
               flag_quantile: float = 0.97) -> dict:
-    """``std_scale`` (ensemble spread → error σ) and the ``uncertain`` threshold, measured on
-    held-out patches, plus the error percentiles vs truth overall and per kind."""
+    """``std_scale`` (predicted σ → error σ, one factor) and the ``uncertain`` threshold,
+    measured on held-out patches, plus the error percentiles vs truth overall and per kind
+    and the coverage (fraction within 1σ / 2σ) after scaling."""
     predictor.std_scale = 1.0
     pred, spread = predictor.predict(patches, return_std=True)
     diff = pred - np.asarray(centres)
@@ -149,7 +177,8 @@ def calibrate(predictor: bnn.BraggNNPredictor, patches, centres, kinds=None,
     err = np.hypot(*diff.T)
     out = {"std_scale": scale,
            "uncertain_std_px": float(np.quantile(spread.max(axis=1) * scale, flag_quantile)),
-           "error_vs_truth_px": {"all": percentiles(err)}}
+           "error_vs_truth_px": {"all": percentiles(err)},
+           "calibration": coverage(diff, spread * scale)}
     if kinds is not None:
         for k in np.unique(kinds):
             out["error_vs_truth_px"][str(k)] = percentiles(err[np.asarray(kinds) == k])
@@ -199,20 +228,23 @@ def _card(kind: str, members: int, seed: int, extra: dict) -> dict:
 
 
 def train_from_simulation(out: str | Path, *, epochs: int = 40, patches_per_epoch: int = 50_000,
-                          members: int = 5, seed: int = 0, n_val: int = 20_000,
+                          members: int = 1, seed: int = 0, n_val: int = 20_000,
                           minutes: float | None = None, trunk_fraction: float = 0.75,
                           resume: str | Path | None = None, progress: bool = True,
-                          version: str = "1.0", log=print) -> dict:
-    """Train an ensemble on simulated patches and save it (+ card, + loss-curve PNG).
+                          version: str = "2.0", arch: dict | None = None, lr: float = 1e-3,
+                          log=print) -> dict:
+    """Train BraggNN on simulated patches and save it (+ card, + loss-curve PNG).
 
-    A 2-core CPU cannot train 5 networks from scratch in minutes, so the ensemble is
-    grown from a trunk: one network is trained for ``trunk_fraction`` of the epochs (or of
-    ``minutes``) at constant lr, then forked into ``members`` copies that each continue on
-    their own fresh patches and shuffles at a tenth of the learning rate. The trunk's
-    learning rate decays over its last 40 %. ``trunk_fraction=0`` trains independent
-    members from scratch (a classic deep ensemble). ``resume``: a weights file whose
-    members' average starts the trunk (continuing an earlier run)."""
+    The default is one lean network with a variance head (``bnn.LEAN``). With
+    ``members > 1`` an ensemble is grown from a trunk (a 2-core CPU cannot train 5 networks
+    from scratch in minutes): one network is trained for ``trunk_fraction`` of the epochs
+    (or of ``minutes``), then forked into ``members`` copies that each continue on their
+    own fresh patches and shuffles at a tenth of the learning rate; ``trunk_fraction=0``
+    trains independent members. ``resume``: a weights file whose members' average starts
+    the training (continuing an earlier run; same architecture)."""
     torch.manual_seed(seed)
+    arch_card = bnn.architecture(**(bnn.LEAN if arch is None else arch))
+    kwargs = bnn.arch_kwargs(arch_card)
     val = simulate_patches(n_val, seed=[seed, 10_000_000])
     val_small = (val["patches"][:4000], val["centre"][:4000])
 
@@ -224,146 +256,255 @@ def train_from_simulation(out: str | Path, *, epochs: int = 40, patches_per_epoc
 
     t0 = time.perf_counter()
     history = []
-    trunk_epochs = int(round(trunk_fraction * epochs))
+    trunk_epochs = int(round(trunk_fraction * epochs)) if members > 1 else epochs
     resumed = None
-    if trunk_epochs:
-        trunk = bnn.BraggNNEnsemble(1, seed=seed)
-        if resume:
-            previous = bnn.load(resume)
-            states = [m.state_dict() for m in previous.ensemble.members]
-            trunk.members[0].load_state_dict(
-                {k: sum(st[k] for st in states) / len(states) for k in states[0]})
-            resumed = {**weights_io.provenance(previous.card),
-                       "training_seconds": previous.card.get("training", {}).get("seconds"),
-                       "training": previous.card.get("training", {}).get("ensemble")}
-            log(f"resuming from {resume}: the average of its {len(states)} members")
-        history = train_ensemble(trunk, data(0 if not resume else 5000), trunk_epochs, seed=seed,
-                                 minutes=minutes * trunk_fraction if minutes else None,
-                                 val=val_small, progress=progress, decay_from=0.6, log=log)
-        for h in history:
-            h["phase"] = "trunk"
-        ensemble = bnn.BraggNNEnsemble(members, seed=seed)
+    trunk = bnn.BraggNNEnsemble(1, seed=seed, **kwargs)
+    if resume:
+        previous = bnn.load(resume)
+        states = [m.state_dict() for m in previous.ensemble.members]
+        trunk.members[0].load_state_dict(
+            {k: sum(st[k] for st in states) / len(states) for k in states[0]})
+        resumed = {**weights_io.provenance(previous.card),
+                   "training_seconds": previous.card.get("training", {}).get("seconds")}
+        log(f"resuming from {resume}: the average of its {len(states)} member(s)")
+    share = trunk_epochs / epochs
+    history = train_ensemble(trunk, data(0 if not resume else 5000), trunk_epochs, seed=seed,
+                             lr=lr, minutes=minutes * share if minutes else None,
+                             val=val_small, progress=progress,
+                             decay_from=0.6 if members > 1 else 0.5, log=log)
+    for h in history:
+        h["phase"] = "trunk" if members > 1 else "network"
+    ensemble = trunk
+    if members > 1:
+        ensemble = bnn.BraggNNEnsemble(members, seed=seed, **kwargs)
         for m in ensemble.members:
             m.load_state_dict(trunk.members[0].state_dict())
-    else:
-        ensemble = bnn.BraggNNEnsemble(members, seed=seed)
-    done = len(history)
-    spent = (time.perf_counter() - t0) / 60
-    tail = train_ensemble(ensemble, data(1000 + done + (5000 if resume else 0)),
-                          epochs - trunk_epochs, seed=seed + 1,
-                          lr=3e-5 if trunk_epochs else 3e-4,
-                          minutes=max(minutes - spent, 0.5) if minutes else None,
-                          val=val_small, progress=progress, decay_from=1.0 if trunk_epochs
-                          else 0.7, log=log)
-    for h in tail:
-        h["epoch"] += done
-        h["phase"] = "members"
-        h["seconds"] += spent * 60
-    history += tail
+        done = len(history)
+        spent = (time.perf_counter() - t0) / 60
+        tail = train_ensemble(ensemble, data(1000 + done + (5000 if resume else 0)),
+                              epochs - trunk_epochs, seed=seed + 1, lr=lr / 10,
+                              minutes=max(minutes - spent, 0.5) if minutes else None,
+                              val=val_small, progress=progress, decay_from=1.0, log=log)
+        for h in tail:
+            h["epoch"] += done
+            h["phase"] = "members"
+            h["seconds"] += spent * 60
+        history += tail
     seconds = time.perf_counter() - t0
     predictor = bnn.BraggNNPredictor(ensemble)
     cal = calibrate(predictor, val["patches"], val["centre"], val["kind"])
     card = _card("simulation", members, seed, {
         "version": version,
+        "architecture": arch_card,
+        "parameters_per_member": bnn.n_parameters(ensemble.members[0]),
+        "flops_per_patch_per_member": bnn.flops_per_patch(ensemble.members[0]),
         "training": {"data": "simulated patches, fresh each epoch", "recipe": RECIPE,
-                     "labels": "true centres", "epochs_run": len(history),
-                     "trunk_epochs": sum(h["phase"] == "trunk" for h in history),
-                     "ensemble": "one trunk network, forked into the members for the last "
-                     "epochs (own patches and shuffles each)" if trunk_epochs else
-                     "independent members from their own seeds",
+                     "labels": "true centres (intensity centroid of the whole spot)",
+                     "epochs_run": len(history),
+                     "ensemble": ("one trunk network, forked into the members for the last "
+                                  "epochs (own patches and shuffles each)") if members > 1
+                     else "one network; per-peak σ from its variance head",
                      "patches_per_epoch": patches_per_epoch, "batch": 512, "optimizer": "Adam",
-                     "lr": 3e-4, "lr_schedule": "trunk: constant, linear decay to 0.1x over "
-                     "its last 40 %; members: 3e-5" if trunk_epochs else
-                     "constant, linear decay to 0.1x over the last 30 % of steps",
-                     "loss": "MSE on centre / patch size", "minutes_limit": minutes,
+                     "lr": lr, "lr_schedule": "constant, then a linear decay to 0.1x",
+                     "loss": "MSE on centre / patch size + 1e-3 × Gaussian NLL of the "
+                     "variance head (centre detached)", "minutes_limit": minutes,
                      "resumed_from": resumed,
                      "seconds": round(seconds, 1), "device": "cpu",
                      "threads": torch.get_num_threads()},
         "validation": {"patches": n_val, "seed": [seed, 10_000_000], "kinds": list(KINDS)},
         "metrics": cal["error_vs_truth_px"],
+        "calibration": cal["calibration"],
         "std_scale": cal["std_scale"],
         "uncertain_std_px": cal["uncertain_std_px"],
         "history": history,
     })
     card = weights_io.save(out, bnn.tensors(ensemble), card)
     plot_history(history, Path(out).with_suffix(".png"),
-                 f"BraggNN: trunk, then {members} members, simulated patches")
+                 f"BraggNN ({members} network{'s' if members > 1 else ''}), simulated patches")
     return card
 
 
-def label_frames(frames, k: float = 6.0, max_std: float = 0.25):
-    """Patches of isolated, non-edge peaks in ``frames`` with pseudo-Voigt fit centres.
+def label_spots(frame, k: float = 6.0, min_pixels: int = 8, isolation_px: int = 10,
+                max_std: float = 0.1, max_chi2: float = 30.0, margin: int = 3):
+    """Whole-spot fit labels of the isolated spots of one frame.
 
-    Returns ``(patches (N, 11, 11), centres (N, 2), stats)``; fits that failed, have a
-    standard error above ``max_std`` px or moved more than 1.5 px are left out."""
-    from ..analysis.peaks import check_frame, extract_patches, find_peaks
+    Spots are connected components (8-connectivity) of the pixels above the frame's
+    threshold, with at least ``min_pixels`` pixels, no other component within
+    ``isolation_px`` of their box and at least ``margin`` px from the frame's border. Each is
+    fitted in its box + ``margin`` by ``analysis.fitting.fit_spot`` (a rotated pseudo-Voigt,
+    zeros of a frame cache and saturated pixels treated as censored); fits that failed, moved
+    outside the box, have a standard error above ``max_std`` px or a reduced χ² above
+    ``max_chi2`` are dropped. Returns a DataFrame: ``row``, ``col`` (the fitted centre, the
+    intensity centroid of the whole spot), ``row_std``, ``col_std``, ``chi2``, ``pixels``,
+    ``extent``."""
+    import pandas as pd
 
-    kept_p, kept_c = [], []
-    found = 0
-    for frame in frames:
-        frame = check_frame(frame)
-        cand = find_peaks(frame, k=k)
-        found += len(cand)
-        patches, edge = extract_patches(frame, cand["row"], cand["col"])
-        clean = (cand["n_near"].to_numpy() == 0) & ~edge
-        if not clean.any():
+    from ..analysis.fitting import fit_spot
+    from ..analysis.peaks import _components, check_frame, threshold
+
+    frame = check_frame(frame)
+    comps = _components(frame > threshold(frame, k), min_pixels=3)
+    nr, nc = frame.shape
+    boxes = np.array([(rr.min(), cc.min(), rr.max(), cc.max()) for rr, cc in comps]).reshape(-1, 4)
+    out = []
+    for i, (rr, _) in enumerate(comps):
+        if len(rr) < min_pixels:
             continue
-        centre, std, ok = fit_patches(patches[clean])
-        mid = (PATCH - 1) / 2
-        good = ok & (std.max(axis=1) < max_std) & (np.abs(centre - mid).max(axis=1) < 1.5)
-        kept_p.append(patches[clean][good])
-        kept_c.append(centre[good])
+        r0, c0, r1, c1 = boxes[i]
+        if r0 < margin or c0 < margin or r1 >= nr - margin or c1 >= nc - margin:
+            continue
+        gap_r = np.maximum(boxes[:, 0] - r1, r0 - boxes[:, 2])
+        gap_c = np.maximum(boxes[:, 1] - c1, c0 - boxes[:, 3])
+        near = np.maximum(gap_r, gap_c) <= isolation_px
+        near[i] = False
+        if near.any():
+            continue
+        window = frame[r0 - margin:r1 + margin + 1, c0 - margin:c1 + margin + 1]
+        f = fit_spot(window, origin=(r0 - margin, c0 - margin))
+        if not (f.success and r0 - 0.5 <= f.row <= r1 + 0.5 and c0 - 0.5 <= f.col <= c1 + 0.5
+                and max(f.row_std, f.col_std) < max_std and f.chi2 < max_chi2):
+            continue
+        out.append((f.row, f.col, f.row_std, f.col_std, f.chi2, len(rr),
+                    int(max(r1 - r0, c1 - c0) + 1)))
+    return pd.DataFrame(out, columns=["row", "col", "row_std", "col_std", "chi2", "pixels",
+                                      "extent"])
+
+
+def label_frames(frames, k: float = 6.0, match_px: float = 1.5):
+    """Patches of the pipeline (``analysis.peaks.prepare``, whole-spot windows) for the
+    isolated spots of ``frames``, labelled by whole-spot fits (``label_spots``).
+
+    Returns ``(patches (N, 11, 11), centres (N, 2) in patch pixels, info)``; ``info`` has
+    ``peaks`` (candidates found), ``labelled``, ``frame`` (N,) index of each patch's frame,
+    and ``origin``/``scale`` of each patch."""
+    from ..analysis.peaks import prepare
+
+    kept_p, kept_c, kept_f, kept_o, kept_s = [], [], [], [], []
+    found = 0
+    for index, frame in enumerate(frames):
+        labels = label_spots(frame, k=k)
+        fp = prepare(frame, index, k=k)
+        found += len(fp.rows)
+        if not len(labels) or not len(fp.rows):
+            continue
+        # the candidate nearest each label (by its window centre), alone in its window
+        centre = fp.origin + fp.scale[:, None] * (PATCH - 1) / 2 + (fp.scale[:, None] - 1) / 2
+        d = np.hypot(labels["row"].to_numpy()[:, None] - fp.rows[None],
+                     labels["col"].to_numpy()[:, None] - fp.cols[None])
+        j = d.argmin(axis=1)
+        ok = (d[np.arange(len(j)), j] < 3 * match_px) & (fp.n_near[j] == 0) & ~fp.edge[j]
+        ok &= np.hypot(labels["row"].to_numpy() - centre[j, 0],
+                       labels["col"].to_numpy() - centre[j, 1]) < 2.0 * fp.scale[j]
+        j = j[ok]
+        lab = labels[ok][["row", "col"]].to_numpy()
+        s = fp.scale[j, None]
+        kept_p.append(fp.patches[j])
+        kept_c.append((lab - fp.origin[j] - (s - 1) / 2) / s)
+        kept_f.append(np.full(len(j), index))
+        kept_o.append(fp.origin[j])
+        kept_s.append(fp.scale[j])
     if not kept_p:
-        return np.zeros((0, PATCH, PATCH)), np.zeros((0, 2)), {"peaks": found, "labelled": 0}
+        return (np.zeros((0, PATCH, PATCH)), np.zeros((0, 2)),
+                {"peaks": found, "labelled": 0, "frame": np.zeros(0, int)})
     patches, centres = np.concatenate(kept_p), np.concatenate(kept_c)
-    return patches, centres, {"peaks": found, "labelled": len(patches)}
+    return patches, centres, {"peaks": found, "labelled": len(patches),
+                              "frame": np.concatenate(kept_f), "origin": np.concatenate(kept_o),
+                              "scale": np.concatenate(kept_s)}
+
+
+def frames_from_cache(path: str | Path, max_frames: int | None = None, step: int = 1):
+    """Frames of a sparse "frame cache" (``.npz`` with ``shape``, ``nframes`` and, per
+    frame i, ``i_row``, ``i_col``, ``i_data``; as written by HEXRD), as dense uint16 arrays,
+    lazily: a list-like that builds each frame when it is read."""
+
+    class Frames:
+        def __init__(self):
+            self.z = np.load(path)
+            if "shape" not in self.z.files or "nframes" not in self.z.files:
+                raise ValueError(f"{path} is not a frame cache (no 'shape'/'nframes' arrays)")
+            self.index = list(range(0, int(self.z["nframes"]), step))[:max_frames]
+
+        def __len__(self):
+            return len(self.index)
+
+        def __getitem__(self, k):
+            i = self.index[k]
+            f = np.zeros(tuple(self.z["shape"]), np.uint16)
+            f[self.z[f"{i}_row"], self.z[f"{i}_col"]] = self.z[f"{i}_data"]
+            return f
+
+        def __iter__(self):
+            return (self[k] for k in range(len(self)))
+
+    return Frames()
 
 
 def finetune_from_frames(frames, out: str | Path, *, base: str | Path | None = None,
-                         epochs: int = 30, lr: float = 1e-4, seed: int = 0,
-                         val_fraction: float = 0.2, source: dict | None = None,
+                         epochs: int = 30, lr: float = 3e-4, seed: int = 0,
+                         val_fraction: float = 0.25, source: dict | None = None,
                          progress: bool = True, log=print) -> dict:
-    """Fine-tune an ensemble (``base``: weights file; default the shipped ones) on the peaks
-    of ``frames`` labelled by pseudo-Voigt fits, and save it with its card."""
+    """Fine-tune BraggNN (``base``: weights file; default the shipped one) on the isolated
+    spots of your ``frames`` labelled by whole-spot fits (``label_frames``), and save it
+    with its card.
+
+    The last ``val_fraction`` of the frames (in order: a contiguous ω range, so no spot is
+    seen in training and held out) is held out; the card records the error vs the labels
+    there before and after fine-tuning, for the network and for the 11×11 centroid."""
     patches, centres, stats = label_frames(frames)
     if len(patches) < 10:
-        raise ValueError(f"only {len(patches)} isolated peaks could be labelled by a fit "
-                         f"({stats['peaks']} found); fine-tuning needs at least 10. Use more "
-                         "frames, or frames with more spots.")
-    log(f"labelled {stats['labelled']} of {stats['peaks']} peaks by pseudo-Voigt fits")
+        raise ValueError(f"only {len(patches)} isolated spots could be labelled by a whole-spot "
+                         f"fit ({stats['peaks']} peaks found); fine-tuning needs at least 10. "
+                         "Use more frames, or frames with more spots.")
+    log(f"labelled {stats['labelled']} of {stats['peaks']} peaks by whole-spot fits")
     base_model = bnn.load(base, device="cpu")
     ensemble = bnn.copy_ensemble(base_model.ensemble).to(memory_format=torch.contiguous_format)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(patches))
-    n_val = max(2, int(round(val_fraction * len(patches))))
-    va, tr = order[:n_val], order[n_val:]
+    n_frames = len(frames)
+    cut = int(np.floor((1 - val_fraction) * n_frames))
+    va, tr = np.flatnonzero(stats["frame"] >= cut), np.flatnonzero(stats["frame"] < cut)
+    if len(va) < 3 or len(tr) < 5:  # too few spots in the last frames: split the spots
+        order = np.argsort(stats["frame"], kind="stable")
+        n_val = max(3, int(round(val_fraction * len(order))))
+        va, tr = order[-n_val:], order[:-n_val]
 
-    def err_vs_fit(model):
-        return np.hypot(*(model.predict(patches[va]) - centres[va]).T)
+    def err(pred):
+        return np.hypot(*(pred - centres[va]).T)
 
-    before = percentiles(err_vs_fit(base_model))
+    from ..analysis.peaks import centroid
+
+    before = percentiles(err(base_model.predict(patches[va])))
+    cen = percentiles(err(centroid(patches[va])[0]))
     t0 = time.perf_counter()
     history = train_ensemble(ensemble, (patches[tr], centres[tr]), epochs,
-                             batch=min(512, len(tr)), lr=lr, seed=seed, augment=True,
+                             batch=min(256, len(tr)), lr=lr, seed=seed, augment=True,
                              val=(patches[va], centres[va]), progress=progress,
                              decay_from=0.5, log=log)
     tuned = bnn.BraggNNPredictor(ensemble, base_model.card)
-    after = percentiles(err_vs_fit(tuned))
-    log(f"held-out error vs fit labels: p75 {before['p75']:.3f} -> {after['p75']:.3f} px")
-    card = _card("fine-tuned on fit-labelled frames", len(ensemble.members), seed, {
+    pred, std = tuned.predict(patches[va], return_std=True)
+    after = percentiles(err(pred))
+    log(f"held-out spots ({len(va)}, frames after {cut}): p75 error vs whole-spot fits "
+        f"{before['p75']:.3f} -> {after['p75']:.3f} px (11×11 centroid {cen['p75']:.3f})")
+    card = _card("fine-tuned on whole-spot-fit labels of real frames", len(ensemble.members),
+                 seed, {
         "version": f"{base_model.card.get('version', '?')}+ft",
+        "architecture": base_model.card.get("architecture", bnn.architecture()),
         "base": weights_io.provenance(base_model.card),
-        "training": {"data": source or {"frames": len(frames)}, "labels":
-                     "2D pseudo-Voigt fits (scipy least_squares) of isolated, non-edge peaks",
-                     "labelled": stats, "train_patches": int(len(tr)), "augment": "8 flips",
-                     "epochs_run": len(history), "optimizer": "Adam", "lr": lr,
-                     "loss": "MSE on centre / patch size",
+        "training": {"data": source or {"frames": n_frames},
+                     "labels": "whole-spot fits (analysis.fitting.fit_spot: rotated "
+                     "pseudo-Voigt, cache zeros and saturated pixels censored) of isolated "
+                     "spots",
+                     "labelled": {k: int(stats[k]) for k in ("peaks", "labelled")},
+                     "train_patches": int(len(tr)), "held_out_patches": int(len(va)),
+                     "held_out": f"spots of frames {cut}..{n_frames - 1}",
+                     "augment": "8 flips", "epochs_run": len(history), "optimizer": "Adam",
+                     "lr": lr, "loss": "MSE on centre / patch size (+ variance head NLL)",
                      "seconds": round(time.perf_counter() - t0, 1)},
-        "metrics": {"held_out_error_vs_fit_px": {"before": before, "after": after}},
+        "metrics": {"held_out_error_vs_labels_px": {"before": before, "after": after,
+                                                    "centroid": cen},
+                    "calibration": coverage(pred - centres[va], std)},
         "std_scale": base_model.std_scale,
         "uncertain_std_px": base_model.uncertain_px,
         "history": history,
     })
     card = weights_io.save(out, bnn.tensors(ensemble), card)
-    plot_history(history, Path(out).with_suffix(".png"), "BraggNN fine-tuned on fit labels")
+    plot_history(history, Path(out).with_suffix(".png"), "BraggNN fine-tuned on your frames")
     return card

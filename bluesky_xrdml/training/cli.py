@@ -40,15 +40,41 @@ def _frames_from_run(catalog_uri: str, uid: str, key: str | None, max_frames: in
     return frames.reshape(len(frames), *frames.shape[-2:]), key
 
 
+def _arch(name: str) -> dict:
+    from ..models import braggnn as bnn
+
+    archs = {"lean": bnn.LEAN, "reference": {}}
+    if name not in archs:
+        raise typer.BadParameter(f"unknown architecture {name!r}; use one of {sorted(archs)}")
+    return archs[name]
+
+
+def _finetune(training, frames, out, base, epochs, seed, console, source):
+    try:
+        card = training.finetune_from_frames(frames, out, base=base, epochs=epochs or 30,
+                                             seed=seed, log=console.print, source=source)
+    except ValueError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    m = card["metrics"]["held_out_error_vs_labels_px"]
+    console.print(f"held-out spots: p75 error vs whole-spot fits {m['before']['p75']:.3f} px "
+                  f"before, {m['after']['p75']:.3f} px after fine-tuning (11×11 centroid "
+                  f"{m['centroid']['p75']:.3f} px)")
+    return card
+
+
 @train_app.command("braggnn")
 def braggnn(
     out: Path = typer.Option(None, help="weights file to write (.safetensors; card .json and "
                              "loss curve .png beside it); default braggnn.safetensors, or "
                              "braggnn-<uid>.safetensors when fine-tuning"),
     from_run: str = typer.Option(None, "--from-run", help="fine-tune on this archived raw run "
-                                 "(uid), its peaks labelled by pseudo-Voigt fits"),
+                                 "(uid), its isolated spots labelled by whole-spot fits"),
     catalog_uri: str = typer.Option(None, "--catalog", help="Tiled URI of the run's catalog "
                                     "(API key from $TILED_API_KEY)"),
+    frame_cache: Path = typer.Option(None, "--frame-cache", help="fine-tune on the frames of "
+                                     "a sparse frame cache (.npz, as HEXRD writes them)"),
+    frame_step: int = typer.Option(1, help="use every n-th frame (--frame-cache)"),
     key: str = typer.Option(None, help="2D data key of the frames (default: the first one)"),
     base: Path = typer.Option(None, help="weights to fine-tune (default: the shipped ones)"),
     epochs: int = typer.Option(None, help="epochs (default 40 from simulation, 30 fine-tuning)"),
@@ -56,14 +82,17 @@ def braggnn(
     trunk_fraction: float = typer.Option(0.75, help="share of the epochs/minutes spent on one "
                                          "trunk network before it is forked into the members "
                                          "(0: independent members)"),
-    members: int = typer.Option(5, help="ensemble members"),
+    members: int = typer.Option(1, help="networks: 1 (default, σ from its variance head) or "
+                                "an ensemble of several"),
+    arch: str = typer.Option("lean", help="architecture: 'lean' (no non-local block, variance "
+                             "head; the shipped default) or 'reference' (Liu et al. 2022)"),
     resume: Path = typer.Option(None, help="continue training from these weights "
                                 "(simulation only; the average of their members starts the trunk)"),
     minutes: float = typer.Option(None, help="stop training after this many minutes"),
     max_frames: int = typer.Option(None, help="use at most this many frames of the run"),
     seed: int = typer.Option(0),
     threads: int = typer.Option(2, help="CPU threads for torch"),
-    version: str = typer.Option("1.0", help="version recorded in the model card"),
+    version: str = typer.Option("2.0", help="version recorded in the model card"),
 ):
     """Train BraggNN: from simulated patches (true centres), or fine-tune on an archived run."""
     import torch
@@ -73,7 +102,19 @@ def braggnn(
 
     console = Console(soft_wrap=True)
     torch.set_num_threads(threads)
-    if from_run:
+    if frame_cache:
+        if not Path(frame_cache).exists():
+            raise typer.BadParameter(f"no frame cache at {frame_cache}")
+        try:
+            frames = training.frames_from_cache(frame_cache, max_frames, frame_step)
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from None
+        console.print(f"{frame_cache}: {len(frames)} frames")
+        out = out or Path(f"braggnn-{Path(frame_cache).stem[:24]}.safetensors")
+        card = _finetune(training, frames, out, base, epochs, seed, console,
+                         {"frame_cache": str(frame_cache), "frames": len(frames),
+                          "step": frame_step})
+    elif from_run:
         if not catalog_uri:
             raise typer.BadParameter("--from-run needs --catalog URI (the Tiled server of the run)")
         from ..catalog import CatalogError
@@ -85,23 +126,15 @@ def braggnn(
             raise typer.Exit(2) from None
         console.print(f"run {from_run}: {len(frames)} frames of {key!r} {frames.shape[1:]}")
         out = out or Path(f"braggnn-{from_run[:8]}.safetensors")
-        try:
-            card = training.finetune_from_frames(
-                frames, out, base=base, epochs=epochs or 30, seed=seed, log=console.print,
-                source={"run": from_run, "catalog": catalog_uri.split("?")[0], "key": key,
-                        "frames": len(frames)})
-        except ValueError as err:
-            console.print(f"[red]{err}[/red]")
-            raise typer.Exit(1) from None
-        m = card["metrics"]["held_out_error_vs_fit_px"]
-        console.print(f"held-out peaks: p75 error vs fit {m['before']['p75']:.3f} px before, "
-                      f"{m['after']['p75']:.3f} px after fine-tuning")
+        card = _finetune(training, frames, out, base, epochs, seed, console,
+                         {"run": from_run, "catalog": catalog_uri.split("?")[0], "key": key,
+                          "frames": len(frames)})
     else:
         out = out or Path("braggnn.safetensors")
         card = training.train_from_simulation(
             out, epochs=epochs or 40, patches_per_epoch=patches_per_epoch, members=members,
             seed=seed, minutes=minutes, trunk_fraction=trunk_fraction, resume=resume,
-            version=version, log=console.print)
+            version=version, arch=_arch(arch), log=console.print)
         m = card["metrics"]["all"]
         console.print(f"validation vs truth: p50 {m['p50']:.3f}  p75 {m['p75']:.3f}  "
                       f"p95 {m['p95']:.3f}  p99 {m['p99']:.3f} px  ({m['n']} patches)")

@@ -1,19 +1,25 @@
-"""Simulated 11×11 Bragg-peak patches with their TRUE centres, for training and benchmarks.
+"""Simulated 11×11 Bragg-spot patches with their TRUE centres, for training and benchmarks.
 
+The label is the centre of the WHOLE spot, its intensity centroid (the quantity grain
+fitting consumes), even where the spot is cut by the window, a detector gap or the edge.
 The recipe (``RECIPE``, recorded in the model card):
 
-- a 2D pseudo-Voigt (``simulation.spots.pseudo_voigt_2d``) with random half widths,
-  ellipticity, rotation and Lorentzian fraction η; its centre within ±1 px of the patch
-  centre (the frame pipeline centres patches on the brightest pixel);
+- each spot is a sum of 2D pseudo-Voigts (``simulation.spots.pseudo_voigt_2d``) of one shape
+  (random half widths, ellipticity, rotation, Lorentzian fraction η); its centroid within
+  ±1.2 px of the patch centre (the frame pipeline centres windows on the spot);
 - peak heights log-uniform from 4 σ of the background noise (below the peak finder's
-  6 σ) to beyond the 16-bit range: counts saturate at 65535;
+  6 σ) to beyond the 16-bit range; counts saturate at 65535 or at a lower level;
 - a sloped background, Poisson counting noise and Gaussian read noise;
-- kinds, each a known weakness of BraggNN or a frame feature:
-  ``isolated``; ``neighbour`` (one or two other peaks 3.5–9 px away, partly inside the
-  patch); ``irregular`` (a non-pseudo-Voigt peak: two close sub-peaks; the truth is their
-  height-weighted mean centre); ``edge`` (rows/columns beyond a detector edge filled with
-  the background, as ``extract_patches`` pads them); ``sparse`` (a thresholded
-  "frame cache": everything below a level is 0).
+- kinds, each a known weakness of BraggNN or a feature of real detector frames:
+  ``isolated``; ``neighbour`` (one or two other spots 2.5–9 px away, partly inside the
+  patch: doublets and neighbours); ``irregular`` (split: two close sub-spots);
+  ``streak`` (ω integration smears a spot along a line in any direction, 1.5–9 px long,
+  with an asymmetric intensity profile along it); ``saturated`` (a detector that saturates
+  at 2 000–65 535 counts, the top 1.2–10× above it: a flat top); ``gap`` (1–3 dead rows or
+  columns of 0 through the spot, as between detector modules); ``edge`` (rows/columns
+  beyond a detector edge filled with the background, as ``extract_patches`` pads them);
+  ``sparse`` (a thresholded "frame cache": everything below a level is 0; also applied to
+  a fifth of the streaked, saturated and gap patches).
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ import numpy as np
 from ..simulation.spots import pseudo_voigt_2d
 
 PATCH = 11
-KINDS = ("isolated", "neighbour", "irregular", "edge", "sparse")
+KINDS = ("isolated", "neighbour", "irregular", "streak", "saturated", "gap", "edge", "sparse")
+STREAK_POINTS = 9
 
 RECIPE = {
     "patch": PATCH,
-    "centre_offset_px": [-1.0, 1.0],
-    "half_width_px": [0.6, 2.5],
+    "label": "intensity centroid of the whole spot",
+    "centre_offset_px": [-1.2, 1.2],
+    "half_width_px": [0.5, 3.0],
     "eta": [0.0, 0.8],
     "angle_rad": [0.0, float(np.pi)],
     "height_counts_loguniform": ["max(15, 4·σ_background)", 150000.0],
@@ -36,14 +44,19 @@ RECIPE = {
     "background_loguniform": [1.0, 400.0],
     "background_slope_per_px": "N(0, 0.03·b0 + 0.3)",
     "read_noise_sigma": [0.0, 5.0],
-    "kinds": {"isolated": 0.5, "neighbour": 0.22, "irregular": 0.1, "edge": 0.1,
-              "sparse": 0.08},
-    "neighbour": {"count": [1, 2], "distance_px": [3.5, 9.0], "height_ratio": [0.05, 2.0]},
-    "irregular": {"sub_peak_distance_px": [0.5, 1.6], "height_ratio": [0.2, 1.0],
-                  "truth": "height-weighted mean of the sub-peak centres"},
+    "kinds": {"isolated": 0.3, "neighbour": 0.16, "irregular": 0.07, "streak": 0.17,
+              "saturated": 0.1, "gap": 0.05, "edge": 0.07, "sparse": 0.08},
+    "neighbour": {"count": [1, 2], "distance_px": [2.5, 9.0], "height_ratio": [0.05, 2.0]},
+    "irregular": {"sub_peak_distance_px": [0.5, 1.6], "height_ratio": [0.2, 1.0]},
+    "streak": {"length_px": [1.5, 9.0], "direction_rad": [0.0, float(np.pi)],
+               "points": STREAK_POINTS, "profile": "Gaussian along the line, its peak "
+               "anywhere within ±30 % of the length, σ 0.2–1× the length"},
+    "saturated": {"level": "(height + background) / U(1.2, 10), at least 2000"},
+    "gap": {"width_px": [1, 3], "offset_from_centre_px": [-3, 3], "value": 0},
     "edge": {"padded_rows_or_cols": [1, 5], "fill": "background level"},
-    "sparse": {"zero_below_counts": [3.0, 40.0]},
-    "noise": "Poisson(expected) + N(0, read_noise), rounded, clipped to [0, 65535]",
+    "sparse": {"zero_below_counts": "background + U(0, 8)·σ + U(3, 40)",
+               "also_for": {"streak": 0.2, "saturated": 0.2, "gap": 0.2}},
+    "noise": "Poisson(expected) + N(0, read_noise), rounded, clipped to [0, saturation]",
 }
 
 
@@ -54,8 +67,8 @@ def _loguniform(rng, lo, hi, n):
 def simulate_patches(n: int, seed: int | np.random.Generator = 0, kinds=None,
                      patch: int = PATCH) -> dict:
     """``n`` patches: dict with ``patches`` (n, 11, 11) float32 counts, ``centre`` (n, 2)
-    true (row, col) in patch pixels, ``kind`` (n,) str, ``snr`` (n,) peak height over the
-    counting noise at the top, ``height`` (n,)."""
+    true (row, col) of the whole spot's intensity centroid in patch pixels, ``kind`` (n,)
+    str, ``snr`` (n,) peak height over the counting noise at the top, ``height`` (n,)."""
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     probs = RECIPE["kinds"]
     names = list(kinds) if kinds is not None else list(probs)
@@ -69,10 +82,10 @@ def simulate_patches(n: int, seed: int | np.random.Generator = 0, kinds=None,
         a = np.asarray(a)
         return (a if a.dtype == bool else a.astype(float))[:, None, None]
 
-    r0 = mid + rng.uniform(-1, 1, n)
-    c0 = mid + rng.uniform(-1, 1, n)
-    hw_r = rng.uniform(0.6, 2.5, n)
-    hw_c = rng.uniform(0.6, 2.5, n)
+    r0 = mid + rng.uniform(-1.2, 1.2, n)
+    c0 = mid + rng.uniform(-1.2, 1.2, n)
+    hw_r = rng.uniform(0.5, 3.0, n)
+    hw_c = rng.uniform(0.5, 3.0, n)
     angle = rng.uniform(0, np.pi, n)
     eta = rng.uniform(0, 0.8, n)
     b0 = _loguniform(rng, 1.0, 400.0, n)
@@ -84,42 +97,84 @@ def simulate_patches(n: int, seed: int | np.random.Generator = 0, kinds=None,
     expected = (col3(b0) + col3(slope[:, 0]) * (rows - mid) + col3(slope[:, 1]) * (cols - mid))
     expected = np.clip(expected, 0.0, None)
 
-    # irregular: split the peak into two sub-peaks around the true centre
+    # sub-spots of one shape at offsets t along a direction, weights w (Σw = 1, Σw·t = 0):
+    # their weighted mean, the intensity centroid, is the true centre (r0, c0)
+    m = STREAK_POINTS
+    t = np.zeros((n, m))
+    w = np.zeros((n, m))
+    w[:, 0] = 1.0
+    phi = rng.uniform(0, np.pi, n)
+    # irregular (split): two sub-spots 0.5-1.6 px apart, the second 0.2-1× as high
     irr = kind == "irregular"
     d = rng.uniform(0.5, 1.6, n)
-    phi = rng.uniform(0, 2 * np.pi, n)
-    w2 = rng.uniform(0.2, 1.0, n)  # second sub-peak height relative to the first
-    # sub-peak centres at -d·w2/(1+w2) and +d/(1+w2) along phi: weighted mean = true centre
-    a1 = np.where(irr, -d * w2 / (1 + w2), 0.0)
-    a2 = np.where(irr, d / (1 + w2), 0.0)
-    h1 = np.where(irr, height / (1 + w2), height)
-    expected = expected + pseudo_voigt_2d(
-        rows, cols, col3(r0 + a1 * np.sin(phi)), col3(c0 + a1 * np.cos(phi)),
-        col3(hw_r), col3(hw_c), col3(angle), col3(eta), col3(h1))
-    expected = expected + np.where(col3(irr), pseudo_voigt_2d(
-        rows, cols, col3(r0 + a2 * np.sin(phi)), col3(c0 + a2 * np.cos(phi)),
-        col3(hw_r * rng.uniform(0.7, 1.3, n)), col3(hw_c * rng.uniform(0.7, 1.3, n)),
-        col3(angle), col3(eta), col3(h1 * w2)), 0.0)
+    w2 = rng.uniform(0.2, 1.0, n)
+    t[irr, 1] = d[irr]
+    w[irr, 0], w[irr, 1] = 1 / (1 + w2[irr]), w2[irr] / (1 + w2[irr])
+    # streak: ω integration smears the spot along a line, with an asymmetric profile
+    st = kind == "streak"
+    length = rng.uniform(1.5, 9.0, n)
+    grid = np.linspace(-0.5, 0.5, m)[None] * length[:, None]
+    peak_at = rng.uniform(-0.3, 0.3, n)[:, None] * length[:, None]
+    width = rng.uniform(0.2, 1.0, n)[:, None] * length[:, None]
+    prof = np.exp(-0.5 * ((grid - peak_at) / width) ** 2)
+    t[st], w[st] = grid[st], prof[st] / prof[st].sum(axis=1, keepdims=True)
+    # peak height of the summed spot ≈ height: scale the sub-spots by the overlap
+    t -= (w * t).sum(axis=1, keepdims=True)
+    top = np.ones(n)
+    many = irr | st
+    if many.any():
+        sub_r = r0[many, None] + t[many] * np.sin(phi[many, None])
+        sub_c = c0[many, None] + t[many] * np.cos(phi[many, None])
+        prof = pseudo_voigt_2d(sub_r[:, :, None], sub_c[:, :, None], sub_r[:, None, :],
+                               sub_c[:, None, :], hw_r[many, None, None],
+                               hw_c[many, None, None], angle[many, None, None],
+                               eta[many, None, None], 1.0)
+        top[many] = (prof * w[many, None, :]).sum(axis=2).max(axis=1)
+    amp = height / top
+    for k in range(m):
+        on = w[:, k] > 0
+        if not on.any():
+            continue
+        idx = np.flatnonzero(on)
+        expected[idx] += pseudo_voigt_2d(
+            rows, cols, col3(r0[idx] + t[idx, k] * np.sin(phi[idx])),
+            col3(c0[idx] + t[idx, k] * np.cos(phi[idx])), col3(hw_r[idx]), col3(hw_c[idx]),
+            col3(angle[idx]), col3(eta[idx]), col3(amp[idx] * w[idx, k]))
 
-    # neighbours: one or two further peaks whose centres lie 3.5-9 px away
+    # neighbours: one or two further spots whose centres lie 2.5-9 px away
     nb = kind == "neighbour"
     for j in range(2):
         on = nb & ((j == 0) | (rng.random(n) < 0.35))
-        dist = rng.uniform(3.5, 9.0, n)
+        dist = rng.uniform(2.5, 9.0, n)
         ang = rng.uniform(0, 2 * np.pi, n)
-        amp = height * _loguniform(rng, 0.05, 2.0, n)
-        term = pseudo_voigt_2d(
-            rows, cols, col3(r0 + dist * np.sin(ang)), col3(c0 + dist * np.cos(ang)),
-            col3(rng.uniform(0.6, 2.5, n)), col3(rng.uniform(0.6, 2.5, n)),
-            col3(rng.uniform(0, np.pi, n)), col3(rng.uniform(0, 0.8, n)), col3(amp))
-        expected = expected + np.where(col3(on), term, 0.0)
+        amp_nb = height * _loguniform(rng, 0.05, 2.0, n)
+        idx = np.flatnonzero(on)
+        expected[idx] += pseudo_voigt_2d(
+            rows, cols, col3((r0 + dist * np.sin(ang))[idx]), col3((c0 + dist * np.cos(ang))[idx]),
+            col3(rng.uniform(0.5, 2.5, n)[idx]), col3(rng.uniform(0.5, 2.5, n)[idx]),
+            col3(rng.uniform(0, np.pi, n)[idx]), col3(rng.uniform(0, 0.8, n)[idx]),
+            col3(amp_nb[idx]))
 
     counts = rng.poisson(expected) + rng.normal(0, 1, expected.shape) * col3(read)
-    counts = np.clip(np.rint(counts), 0, 65535)
+    sat = np.full(n, 65535.0)
+    satk = kind == "saturated"
+    sat[satk] = np.clip((height[satk] + b0[satk]) / rng.uniform(1.2, 10.0, satk.sum()),
+                        2000.0, 65535.0)
+    counts = np.clip(np.rint(counts), 0, col3(sat))
+
+    # detector gaps: 1-3 dead rows or columns (0) through the spot
+    gap = kind == "gap"
+    for i in np.flatnonzero(gap):
+        wgap = int(rng.integers(1, 4))
+        at = int(np.rint(mid + rng.uniform(-3, 3)))
+        if rng.random() < 0.5:
+            counts[i, at:at + wgap, :] = 0.0
+        else:
+            counts[i, :, at:at + wgap] = 0.0
 
     # sparse frame caches: everything below a level is 0
-    sp = kind == "sparse"
-    level = rng.uniform(3, 40, n) + np.where(sp, b0, 0.0)
+    sp = (kind == "sparse") | ((st | satk | gap) & (rng.random(n) < 0.2))
+    level = (b0 + rng.uniform(0, 8, n) * np.sqrt(b0 + read**2) + rng.uniform(3, 40, n))
     counts = np.where(col3(sp) & (counts < col3(level)), 0.0, counts)
 
     # edge: 1-5 rows/columns beyond the frame filled with the background level; the true
@@ -145,7 +200,7 @@ def simulate_patches(n: int, seed: int | np.random.Generator = 0, kinds=None,
         else:
             counts[i, :, sl] = fill
 
-    top = np.minimum(height + b0, 65535.0)
+    top = np.minimum(height + b0, sat)
     snr = height / np.sqrt(top + read**2)
     return {"patches": counts.astype(np.float32), "centre": centre, "kind": kind,
             "snr": snr, "height": height}
