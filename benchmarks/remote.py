@@ -156,9 +156,10 @@ def reprocessing(client, uri: str, runs: int) -> None:
         total = time.perf_counter() - t0
         failed = [r for r in results if r["exit_status"] != "success"]
         assert not failed, failed
-        # runs/minute from the first finished run to the last: cluster start-up excluded
-        span = finished[-1] - finished[0]
-        rates[n] = 60 * (runs - 1) / span
+        # runs/minute after the first round (n runs at once) to the last run: cluster
+        # start-up and model loading excluded
+        span = finished[-1] - finished[n - 1]
+        rates[n] = 60 * (runs - n) / span
         print(f"reprocess --dask local:{n}: {runs} runs (12-point maps, frames + patterns) "
               f"in {total:.1f} s with start-up; {rates[n]:.1f} runs/minute once running "
               f"(start-up + 1 run alone: {t_start:.1f} s); {load()}", flush=True)
