@@ -243,3 +243,13 @@ def test_train_command_writes_weights_card_and_curve(protos, tmp_path):
     assert out.with_suffix(".png").exists()
     assert load_model(str(out)).predict(np.ones(300), np.linspace(5, 80, 300), 1.54)[
         "space_group"].shape == (1, 230)
+
+
+def test_shipped_model_ranks_ceo2_fluorite_cubic():
+    data = np.loadtxt(shared_data("ceo2_pilatus1m", "CeO2_Pilatus1M.xy"))
+    model = load_model("structure")
+    assert model.card["model"] == "structure" and model.card["temperature"]["chemistry"] > 0
+    out = model.predict(data[:, 1], data[:, 0], 0.4066, composition="CeO2")
+    numbers, _ = st.top_space_groups(out["space_group"], 2)
+    assert cr.CRYSTAL_SYSTEMS[int(out["crystal_system"][0].argmax())] == "cubic"
+    assert 225 in numbers[0]  # Fm-3m
