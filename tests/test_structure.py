@@ -1,6 +1,7 @@
 """The structure classifier: simulation, model contract, training, live use."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -243,3 +244,41 @@ def test_train_command_writes_weights_card_and_curve(protos, tmp_path):
     assert out.with_suffix(".png").exists()
     assert load_model(str(out)).predict(np.ones(300), np.linspace(5, 80, 300), 1.54)[
         "space_group"].shape == (1, 230)
+
+
+def test_shipped_model_ranks_ceo2_fluorite_cubic():
+    data = np.loadtxt(shared_data("ceo2_pilatus1m", "CeO2_Pilatus1M.xy"))
+    model = load_model("structure")
+    assert model.card["model"] == "structure" and model.card["temperature"]["chemistry"] > 0
+    out = model.predict(data[:, 1], data[:, 0], 0.4066, composition="CeO2")
+    numbers, _ = st.top_space_groups(out["space_group"], 2)
+    assert cr.CRYSTAL_SYSTEMS[int(out["crystal_system"][0].argmax())] == "cubic"
+    assert 225 in numbers[0]  # Fm-3m
+
+
+def test_finetune_from_a_labelled_run_in_the_catalog(tiled_client, RE, beamline, tiny_path,
+                                                     tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from bluesky_xrdml import catalog
+    from bluesky_xrdml.cli import app
+
+    RE.subscribe(catalog.raw_writer(tiled_client))
+    (uid,) = RE(count([beamline.powder], 3),
+                sample={"space_group": 225, "composition": {"Ni": 1, "O": 1}})
+    monkeypatch.setenv("TILED_API_KEY", tiled_client.context.api_key or "")
+    out = tmp_path / "ft.safetensors"
+    args = ["train", "structure", "--from-runs", uid, "--catalog", tiled_client.uri,
+            "--base", str(tiny_path), "--cache", str(tmp_path / "none"), "--steps", "5",
+            "--threads", "1", "--out", str(out)]
+    for _ in range(20):  # the raw writer files the run on its own thread
+        res = CliRunner().invoke(app, args)
+        if "has no" not in res.output:
+            break
+        time.sleep(0.5)
+    assert res.exit_code == 0, res.output
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["finetune"]["runs"] == [uid] and card["finetune"]["patterns"] == 3
+    bad = CliRunner().invoke(app, ["train", "structure", "--from-runs", "nope", "--catalog",
+                                   tiled_client.uri])
+    assert bad.exit_code != 0 and "no run" in bad.output

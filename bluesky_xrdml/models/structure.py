@@ -128,19 +128,19 @@ class InputError(ValueError):
     """Patterns, 2θ axis, wavelength or composition a user gave that cannot be used."""
 
 
-def rebin_matrix(two_theta: np.ndarray, wavelength: float,
-                 q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(W (M, len(q)), measured (len(q),)): ``counts @ W`` re-bins patterns on ``two_theta``
-    (degrees) onto the Q grid ``q``: bins holding measured points get their mean, bins
-    between measured points (a coarse scan) are interpolated linearly, bins outside the
-    measured range are 0."""
+def rebin_matrix(two_theta: np.ndarray, wavelength: float, q: np.ndarray):
+    """(W sparse (M, len(q)), measured (len(q),)): ``counts @ W`` re-bins patterns on
+    ``two_theta`` (degrees) onto the Q grid ``q``: bins holding measured points get their
+    mean, bins between measured points (a coarse scan) are interpolated linearly, bins
+    outside the measured range are 0."""
+    from scipy.sparse import csr_matrix
+
     qs = q_of(two_theta, wavelength)
     dq = q[1] - q[0]
     idx = np.floor((qs - q[0]) / dq + 0.5).astype(int)
     inside = np.nonzero((idx >= 0) & (idx < len(q)))[0]
     counts = np.bincount(idx[inside], minlength=len(q)).astype(float)
-    w = np.zeros((len(qs), len(q)))
-    w[inside, idx[inside]] = 1.0 / counts[idx[inside]]
+    rows, cols, vals = [inside], [idx[inside]], [1.0 / counts[idx[inside]]]
     measured = (q >= qs.min() - dq / 2) & (q <= qs.max() + dq / 2)
     gaps = np.nonzero(measured & (counts == 0))[0]
     if gaps.size:
@@ -148,17 +148,20 @@ def rebin_matrix(two_theta: np.ndarray, wavelength: float,
         sq = qs[order]
         j = np.clip(np.searchsorted(sq, q[gaps]), 1, len(sq) - 1)
         t = np.clip((q[gaps] - sq[j - 1]) / np.maximum(sq[j] - sq[j - 1], 1e-12), 0, 1)
-        w[order[j - 1], gaps] += 1 - t
-        w[order[j], gaps] += t
+        rows += [order[j - 1], order[j]]
+        cols += [gaps, gaps]
+        vals += [1 - t, t]
+    w = csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                   shape=(len(qs), len(q)))  # duplicates are summed
     return w, measured
 
 
 def rebin(patterns: np.ndarray, two_theta: np.ndarray, wavelength: float,
-          q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+          q: np.ndarray, matrix=None) -> tuple[np.ndarray, np.ndarray]:
     """Counts (N, M) on ``two_theta`` (degrees) → (normalised patterns, coverage mask) on
-    the Q grid ``q`` (see ``rebin_matrix``)."""
-    w, measured = rebin_matrix(two_theta, wavelength, q)
-    out = np.asarray(patterns, float) @ w
+    the Q grid ``q`` (see ``rebin_matrix``; ``matrix``: its result, if already at hand)."""
+    w, measured = matrix if matrix is not None else rebin_matrix(two_theta, wavelength, q)
+    out = np.asarray((w.T @ np.asarray(patterns, float).T).T)
     mask = np.broadcast_to(measured.astype(np.float32), out.shape).copy()
     return _normalise(out, mask), mask
 
@@ -242,6 +245,7 @@ class StructurePredictor:
                             "pattern_only": float(t.get("pattern_only", 1.0))}
         self._cs = _membership((1, 3, 16, 75, 143, 168, 195), 7)
         self._pg = _membership(_PG_STARTS, 32)
+        self._rebin_key, self._rebin = None, None
 
     @property
     def name(self) -> str:
@@ -277,7 +281,11 @@ class StructurePredictor:
         if overlap < 0.5:
             raise InputError(f"the pattern covers Q {qs.min():.2f}-{qs.max():.2f} Å⁻¹, the "
                              f"model {self.q[0]:.2f}-{self.q[-1]:.2f} Å⁻¹: too little overlap")
-        return rebin(y, tt, wl, self.q)
+        key = (tt.tobytes(), wl)
+        if self._rebin_key != key:  # live: the same axis every batch
+            self._rebin = rebin_matrix(tt, wl, self.q)
+            self._rebin_key = key
+        return rebin(y, tt, wl, self.q, self._rebin)
 
     def logits(self, x: np.ndarray, mask: np.ndarray, chem: np.ndarray) -> torch.Tensor:
         """Raw space-group logits (N, 230) of prepared inputs (no temperature)."""

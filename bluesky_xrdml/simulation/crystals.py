@@ -433,9 +433,11 @@ def _bounded(fn, *args, seconds: float = 20.0):
 def cached(seed: int = 0, directory: str | Path | None = None) -> CrystalSet:
     """Every chunk of set ``seed`` already in the cache."""
     root = cache_dir(directory) / f"seed{seed}"
-    paths = sorted(root.glob("chunk*.npz")) if root.exists() else []
-    return CrystalSet.concatenate([CrystalSet.load(p) for p in paths
-                                   if not p.name.endswith(".tmp.npz")])
+    paths = [p for p in (sorted(root.glob("chunk*.npz")) if root.exists() else [])
+             if not p.name.endswith(".tmp.npz")]
+    if not paths:
+        return CrystalSet.from_crystals([])
+    return CrystalSet.concatenate([CrystalSet.load(p) for p in paths])
 
 
 # --------------------------------------------------------------------------------------
