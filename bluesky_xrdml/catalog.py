@@ -111,7 +111,7 @@ class EmbeddedServer:
                 str(path), "--api-key", self.api_key,
                 "--host", "127.0.0.1", "--port", str(self.port)]
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 180.0) -> None:
         import subprocess
         import time
 

@@ -135,12 +135,15 @@ def replay(
             if missing:
                 console.print(f"[red]not in the catalog: {', '.join(missing)}[/red]")
                 raise typer.Exit(2)
+            from .callbacks import default_analyses
+
+            analyses = default_analyses(models=models)  # the models load once for all runs
             results = []
             with Progress(console=console) as progress:
                 for uid in uids:
                     task = progress.add_task(f"{uid[:8]}", total=None)
                     results.append(reprocess(
-                        client, uid, models=models, engine=engine, spool=spool,
+                        client, uid, analyses=analyses, engine=engine, spool=spool,
                         on_events=lambda n, t=task: progress.advance(t, n)))
                     progress.update(task, total=results[-1]["events"],
                                     completed=results[-1]["events"])

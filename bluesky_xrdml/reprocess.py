@@ -25,26 +25,27 @@ def reprocess(client, uid: str, *, analyses=None, models=None, engine: bool = Tr
     """
     t0 = time.perf_counter()
     archived = ArchivedRun(client[uid])
-    cb = XRDMLCallback(analyses, models=models)
-    # big batches: nobody watches a reprocessed run fill up, and each request costs ~0.1 s
-    cb.subscribe(catalog.analysis_writer(client, batch_size=500, spool=spool))
-    if engine:
-        from bluesky import RunEngine
+    # closed at the end: a long-lived process (a Dask worker) keeps no threads per run
+    with XRDMLCallback(analyses, models=models) as cb:
+        # big batches: nobody watches a reprocessed run fill up; each request costs ~0.1 s
+        cb.subscribe(catalog.analysis_writer(client, batch_size=500, spool=spool))
+        if engine:
+            from bluesky import RunEngine
 
-        from .plans import replay
+            from .plans import replay
 
-        RE = RunEngine({})
-        RE.subscribe(cb)
-        if on_events:
-            RE.subscribe(lambda name, doc: on_events(1) if name == "event" else None)
-        RE(replay(archived))
-    else:
-        for name, doc in archived.documents():
-            cb(name, doc)
-            if on_events and name == "event_page":
-                on_events(len(doc["seq_num"]))
-    cb.wait()
-    summary = cb.summaries()[-1]
-    summary.update(events=archived.n_events, seconds=time.perf_counter() - t0,
-                   sink_failures=cb.sink_failures)
+            RE = RunEngine({})
+            RE.subscribe(cb)
+            if on_events:
+                RE.subscribe(lambda name, doc: on_events(1) if name == "event" else None)
+            RE(replay(archived))
+        else:
+            for name, doc in archived.documents():
+                cb(name, doc)
+                if on_events and name == "event_page":
+                    on_events(len(doc["seq_num"]))
+        cb.wait()
+        summary = cb.summaries()[-1]
+        summary.update(events=archived.n_events, seconds=time.perf_counter() - t0,
+                       sink_failures=cb.sink_failures)
     return summary
