@@ -27,3 +27,11 @@ def test_a_trained_pqnet_is_used_by_the_callback_as_pqnet(tmp_path):
     cb = XRDMLCallback(models={"pqnet": str(path)})
     (pq,) = [a for a in cb.analyses if a.name == "pqnet"]
     assert pq.model is not None and pq.models[0]["sha256"] == load_model(str(path)).card["sha256"]
+
+
+def test_every_shipped_model_loads_by_its_name():
+    from bluesky_xrdml.models import load_model
+
+    assert load_model("pqnet-oxides").phases[0] == "CeO2"  # its own weights, not the demo's
+    assert load_model("pqnet-demo").phases == ["Ni", "NiO", "CeO2", "Pd"]
+    assert load_model("braggnn-ensemble").provenance()["name"] == "braggnn-ensemble"

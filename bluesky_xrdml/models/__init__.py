@@ -23,6 +23,7 @@ register("braggnn", "bluesky_xrdml.models.braggnn")
 register("braggnn-ensemble", "bluesky_xrdml.models.braggnn_ensemble")
 register("pqnet-demo", "bluesky_xrdml.models.pqnet")
 register("pqnet", "bluesky_xrdml.models.pqnet")  # what a trained model's card says
+register("pqnet-oxides", "bluesky_xrdml.models.pqnet")
 register("attention-demo", "bluesky_xrdml.models.attention")
 register("attention", "bluesky_xrdml.models.attention")  # the name in its cards
 register("structure", "bluesky_xrdml.models.structure")
@@ -41,6 +42,11 @@ def load_model(name: str, path: str | Path | None = None, device: str = "auto"):
         name = json.loads(Path(name).with_suffix(".json").read_text())["model"]
     if name not in REGISTRY:
         raise KeyError(f"unknown model {name!r}; available: {sorted(REGISTRY)}")
+    if path is None:  # shipped weights under the model's own name, where there are some
+        from .weights import WEIGHTS_DIR
+
+        shipped = WEIGHTS_DIR / f"{name}.safetensors"
+        path = shipped if shipped.exists() else None
     module = importlib.import_module(REGISTRY[name])
     return module.load(path, device=select_device(device))
 
