@@ -122,13 +122,9 @@ def replay(
     from .reprocess import reprocess
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    models = {}
-    for item in model:
-        name, _, path = item.partition("=")
-        if not path or not Path(path).exists():
-            console.print(f"[red]--model {item}: expected NAME=PATH to an existing file[/red]")
-            raise typer.Exit(2)
-        models[name] = path
+    from .remote_cli import _models
+
+    models = _models(model)
     try:
         with _open_catalog(catalog_uri, directory) as (_, client):
             missing = [u for u in uids if u not in client]

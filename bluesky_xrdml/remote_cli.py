@@ -13,6 +13,7 @@ console = Console(soft_wrap=True, stderr=True)
 
 
 def _models(items: list[str]) -> dict:
+    """``--model NAME=PATH`` options (``xrdml worker``, ``reprocess``, ``replay``) as a dict."""
     models = {}
     for item in items:
         name, _, path = item.partition("=")

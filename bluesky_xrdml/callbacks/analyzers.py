@@ -88,6 +88,23 @@ def _array_shape(data_key: dict) -> tuple:
     return tuple(shape)
 
 
+def pattern_axis(data_key: dict, descriptor: dict, two_theta=None, wavelength=None):
+    """``(two_theta, wavelength)`` of a 1D pattern key: the arguments where given, else the
+    detector's configuration (``*two_theta``, ``*wavelength``; the wavelength may be None).
+    None when the key is not a 1D pattern; a string saying why when its 2θ axis is unknown."""
+    shape = _array_shape(data_key)
+    if len(shape) != 1 or shape[0] < 32:
+        return None
+    obj = data_key.get("object_name")
+    tt = two_theta if two_theta is not None else _config_value(descriptor, obj, "two_theta")
+    if tt is None:
+        return "1D array without a 2θ axis (no '*two_theta' configuration; pass two_theta=)"
+    tt = np.asarray(tt, float)
+    if tt.size != shape[0]:
+        return f"2θ axis has {tt.size} points but the pattern has {shape[0]}"
+    return tt, wavelength or _config_value(descriptor, obj, "wavelength")
+
+
 def _config_value(descriptor: dict, object_name: str | None, suffix: str):
     """A configuration value of the detector whose name ends with ``suffix``."""
     config = descriptor.get("configuration") or {}
@@ -280,19 +297,10 @@ class RoiIntensities:
         return self._derived[cache_key]
 
     def match(self, key: str, data_key: dict, descriptor: dict):
-        shape = _array_shape(data_key)
-        if len(shape) != 1 or shape[0] < 32:
-            return None
-        obj = data_key.get("object_name")
-        tt = self.two_theta
-        if tt is None:
-            tt = _config_value(descriptor, obj, "two_theta")
-        if tt is None:
-            return "1D array without a 2θ axis (no '*two_theta' configuration; pass two_theta=)"
-        tt = np.asarray(tt, float)
-        if tt.size != shape[0]:
-            return f"2θ axis has {tt.size} points but the pattern has {shape[0]}"
-        wl = self.wavelength or _config_value(descriptor, obj, "wavelength")
+        axis = pattern_axis(data_key, descriptor, self.two_theta, self.wavelength)
+        if not isinstance(axis, tuple):
+            return axis
+        tt, wl = axis
         if not self.rois and wl is None:
             return "no wavelength in the configuration; pass wavelength= or rois="
         rois = self._rois_for(tt, float(wl) if wl is not None else 0.0)

@@ -74,12 +74,9 @@ class OperandoAttention:
 
     @property
     def models(self) -> list:
-        card = getattr(self.model, "card", None)
-        if card is None:
-            return []
-        from ..models import weights
+        from ..models.weights import provenance_of
 
-        return [weights.provenance(card)]
+        return provenance_of(self.model)
 
     @property
     def config(self) -> dict:

@@ -89,12 +89,9 @@ class PhaseQuantification:
     @property
     def models(self) -> list:
         """Provenance (name, version, sha256) of the model in use, for the start document."""
-        card = getattr(self.model, "card", None)
-        if card is None:
-            return []
-        from ..models import weights
+        from ..models.weights import provenance_of
 
-        return [weights.provenance(card)]
+        return provenance_of(self.model)
 
     @property
     def config(self) -> dict:

@@ -34,7 +34,7 @@ import numpy as np
 from .. import layout
 from ..analysis.roi import PatternError, check_patterns
 from ..simulation.crystals import CRYSTAL_SYSTEMS
-from .analyzers import Geometry, Item, Route, _array_shape, _config_value
+from .analyzers import Geometry, Item, Route, _array_shape, _config_value, pattern_axis
 
 logger = logging.getLogger(__name__)
 
@@ -169,19 +169,10 @@ class StructureClassification:
                 elements = _config_value(descriptor, data_key.get("object_name"), "elements")
             return {"role": "composition", "shared": shared,
                     "elements": list(elements) if elements is not None else None}
-        shape = _array_shape(data_key)
-        if len(shape) != 1 or shape[0] < 32:
-            return None
-        obj = data_key.get("object_name")
-        tt = self.two_theta
-        if tt is None:
-            tt = _config_value(descriptor, obj, "two_theta")
-        if tt is None:
-            return "1D array without a 2θ axis (no '*two_theta' configuration; pass two_theta=)"
-        tt = np.asarray(tt, float)
-        if tt.size != shape[0]:
-            return f"2θ axis has {tt.size} points but the pattern has {shape[0]}"
-        wl = self.wavelength or _config_value(descriptor, obj, "wavelength")
+        axis = pattern_axis(data_key, descriptor, self.two_theta, self.wavelength)
+        if not isinstance(axis, tuple):
+            return axis
+        tt, wl = axis
         if wl is None:
             return "no wavelength in the configuration; pass wavelength="
         try:

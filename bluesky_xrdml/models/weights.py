@@ -54,3 +54,14 @@ def load(path: str | Path, device: str = "cpu") -> tuple[dict, dict]:
 def provenance(card: dict) -> dict:
     """What an analysis run records about a model: name, version, sha256."""
     return {"name": card.get("name"), "version": card.get("version"), "sha256": card.get("sha256")}
+
+
+def provenance_of(model) -> list[dict]:
+    """``[{name, version, sha256}]`` of a loaded model for an analysis run's start document
+    (its ``provenance()``, else its card's); ``[]`` for no model or one without a card."""
+    if model is None:
+        return []
+    if hasattr(model, "provenance"):
+        return [model.provenance()]
+    card = getattr(model, "card", None)
+    return [provenance(card)] if card is not None else []
