@@ -92,6 +92,8 @@ class XRDMLCallback(RunRouter):
         super().__init__([self._factory])
 
     def __call__(self, name, doc, validate=False):
+        # bluesky's make_callback_safe does the same isolation but only logs; we also count
+        # (cb.dispatch_errors), and that count goes into summaries and tests
         try:
             return super().__call__(name, doc, validate)
         except Exception:
