@@ -93,7 +93,11 @@ def tiled_server(tmp_path_factory):
     (root / "data").mkdir()
     key, port = secrets.token_hex(16), _free_port()
     proc = subprocess.Popen(
-        [tiled, "serve", "catalog", str(root / "catalog.db"), "--init",
+        # tiled's own CLI, with table operations in turn (bluesky_xrdml.tiled_server): a
+        # bare DuckDB server timed out under our two concurrent writers and the retried
+        # append was filed twice (a facility runs PostgreSQL, which takes concurrent writes)
+        [sys.executable, "-m", "bluesky_xrdml.tiled_server",
+         "serve", "catalog", str(root / "catalog.db"), "--init",
          "-w", str(root / "data"), "-w", f"duckdb:///{root / 'storage.duckdb'}",
          "--api-key", key, "--host", "127.0.0.1", "--port", str(port)],
         stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
@@ -112,7 +116,11 @@ def tiled_server(tmp_path_factory):
         yield f"{base}/api", key
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(params=["embedded", "server"])
