@@ -214,33 +214,32 @@ def raw_writer(client, batch_size: int = LIVE_BATCH, spool: str | os.PathLike | 
     """A writer for raw runs: subscribe it to the RunEngine (``RE.subscribe(w)``).
 
     It files events while the scan runs (``TiledWriter``, ``batch_size`` events per
-    request), on its own thread so the RunEngine never waits on the catalog, and spools
-    the run to ``<spool>/raw`` if the catalog fails, so an outage neither aborts the scan
-    nor loses data; the log then says where the run went (``w.sink.spooled`` lists them).
-    An array whose shape differs from what its descriptor declares (a detector that
-    changed its ROI mid-scan) cannot be stored beside the others: it is filed as a
-    placeholder of the declared shape (0, or NaN for floats) and a warning says which
-    point. Arrays are converted to lists first so the spool (JSON lines) can hold them:
-    fine for patterns and frames up to a few megapixels; large detectors should write
-    files (HDF5) that the run references instead. ``w.join()`` waits until everything
-    is handed to Tiled.
+    request), on its own thread so the RunEngine never waits on the catalog. Each run
+    is also spooled to ``<spool>/raw`` until it is filed (``spool.SpooledWriter``): if
+    the catalog fails, neither the scan nor the data are lost, and the log says where
+    the run went (``w.sink.spooled`` lists them) for ``xrdml sync``. Arrays reach Tiled
+    as arrays. An array whose shape differs from what its descriptor declares (a
+    detector that changed its ROI mid-scan) cannot be stored beside the others: it is
+    filed as a placeholder of the declared shape (0, or NaN for floats) and a warning
+    says which point. ``w.join()`` waits until everything is handed to Tiled.
     """
     from bluesky_tiled_plugins.writing.tiled_writer import TiledWriter
 
     from .callbacks.worker import BackgroundSink
+    from .spool import SpooledWriter
 
     spool = (default_spool() if spool is None else Path(spool)) / "raw"
-    writer = TiledWriter(client, batch_size=batch_size, backup_directory=str(spool))
-    return BackgroundSink(RawRunSink(writer, spool), name="xrdml-raw-writer")
+    writer = SpooledWriter(lambda: RawRunSink(TiledWriter(client, batch_size=batch_size)),
+                           spool, what="raw run")
+    return BackgroundSink(writer, name="xrdml-raw-writer")
 
 
 class RawRunSink:
-    """Hands raw documents to ``writer`` as plain JSON-able values, with arrays conformed
-    to their declared shapes; tells the user where a run went when it was spooled."""
+    """Hands one raw run's documents to ``writer`` with arrays conformed to their
+    declared shapes."""
 
-    def __init__(self, writer, spool: Path):
-        self.writer, self.spool = writer, Path(spool)
-        self.spooled: list[tuple[str, Path]] = []  # (raw uid, spool file)
+    def __init__(self, writer):
+        self.writer = writer
         self._declared: dict[str, dict] = {}  # descriptor uid -> {key: (shape, dtype)}
         self._warned: set = set()
 
@@ -252,9 +251,7 @@ class RawRunSink:
                 if dk.get("shape") and not dk.get("external")}
         elif name in ("event", "event_page"):
             doc = self._conform(name, doc)
-        self.writer(name, jsonable(doc))
-        if name == "stop":
-            self._report(doc["run_start"])
+        self.writer(name, doc)
 
     def _conform(self, name, doc):
         declared = self._declared.get(doc.get("descriptor"), {})
@@ -287,14 +284,6 @@ class RawRunSink:
         values = value if name == "event_page" else [value]
         return any(_shape(v) != shape for v in values)
 
-    def _report(self, uid: str) -> None:
-        path = self.spool / f"{uid.split('-')[0]}.jsonl"
-        if path.exists():
-            self.spooled.append((uid, path))
-            logger.warning("raw run %s could not be filed in the catalog; all its documents "
-                           "are in %s: file them with `xrdml sync --spool %s` once the "
-                           "catalog is reachable", uid, path, self.spool.parent)
-
 
 def _shape(value) -> tuple:
     try:
@@ -304,19 +293,6 @@ def _shape(value) -> tuple:
     if arr.dtype == object:  # ragged: no usable shape
         return ("ragged",)
     return tuple(arr.shape)
-
-
-def jsonable(doc):
-    """A copy of a document with numpy arrays and scalars as plain Python values."""
-    if isinstance(doc, dict):
-        return {k: jsonable(v) for k, v in doc.items()}
-    if isinstance(doc, list | tuple):
-        return [jsonable(v) for v in doc]
-    if isinstance(doc, np.ndarray):
-        return doc.tolist()
-    if isinstance(doc, np.generic):
-        return doc.item()
-    return doc
 
 
 def default_spool() -> Path:
@@ -333,37 +309,47 @@ ANALYSIS_BATCH = 50
 
 def analysis_writer(client, batch_size: int = ANALYSIS_BATCH,
                     spool: str | os.PathLike | None = None):
-    """A ``TiledWriter`` for analysis runs, with a spool so that nothing is lost.
-
-    If writing a run fails (catalog unreachable, key revoked), TiledWriter abandons that
-    run's upload and appends all its documents to ``<spool>/analysis/<uid prefix>.jsonl``;
-    ``sync`` files them later. ``max_array_size=0`` stores every array as an array node:
-    TiledWriter keeps arrays of up to 16 elements in the SQL table by default, and those
-    come back as strings, which would break small maps.
+    """A writer for analysis runs (``cb.subscribe(w)``): a ``TiledWriter`` per run, each
+    run spooled to ``<spool>/analysis`` until it is filed, so that nothing is lost when
+    the catalog fails (``sync`` files it later; see ``spool.SpooledWriter``).
+    ``max_array_size=0`` stores every array as an array node: TiledWriter keeps arrays
+    of up to 16 elements in the SQL table by default, and those come back as strings,
+    which would break small maps.
     """
     from bluesky_tiled_plugins.writing.tiled_writer import TiledWriter
 
+    from .spool import SpooledWriter
+
     spool = (default_spool() if spool is None else Path(spool)) / "analysis"
-    return TiledWriter(client, batch_size=batch_size, max_array_size=0,
-                       backup_directory=str(spool))
+    return SpooledWriter(
+        lambda: TiledWriter(client, batch_size=batch_size, max_array_size=0),
+        spool, what="analysis run")
 
 
 def sync(client, spool: str | os.PathLike | None = None, log=None) -> list[tuple[str, str]]:
-    """Upload spooled analysis runs; idempotent. Returns ``[(uid, what happened)]``.
+    """Upload spooled runs; idempotent. Returns ``[(uid or file, what happened)]``.
 
     A run already complete in the catalog is not written again. A partial copy left by
-    the outage is replaced. A file is renamed ``*.jsonl.synced`` once its run is complete
-    in the catalog, and kept (nothing is deleted).
+    the outage is replaced. A file is renamed ``*.synced`` once its run is complete in
+    the catalog, and kept (nothing is deleted). Files of runs still being written (or
+    whose writer died mid-run) are reported and left alone.
     """
     from bluesky_tiled_plugins.writing.tiled_writer import TiledWriter
+
+    from . import spool as spooling
 
     spool = default_spool() if spool is None else Path(spool)
     done = []
     # raw runs first: an analysis run refers to its raw run
-    paths = sorted((spool / "raw").glob("*.jsonl")) + sorted((spool / "analysis").glob("*.jsonl"))
+    for part in ("raw", "analysis"):
+        for path in spooling.left_open(spool / part):
+            done.append((path.name, "skipped: still being written, or its writer died "
+                                    f"mid-run (rename it to {path.stem} to file it)"))
+    paths = spooling.pending(spool / "raw") + spooling.pending(spool / "analysis")
     for path in paths:
         max_array_size = 0 if path.parent.name == "analysis" else 16
-        start = next((d["doc"] for d in _spooled(path) if d["name"] == "start"), None)
+        start = next((d["doc"] for d in spooling.documents(path) if d["name"] == "start"),
+                     None)
         if start is None:
             done.append((path.name, "skipped: no start document in the file"))
             continue
@@ -379,7 +365,7 @@ def sync(client, spool: str | os.PathLike | None = None, log=None) -> list[tuple
         else:
             what = "uploaded"
         writer = TiledWriter(client, batch_size=1000, max_array_size=max_array_size)
-        for d in _spooled(path):  # one document at a time: a spooled run can be large
+        for d in spooling.documents(path):  # one at a time: a spooled run can be large
             writer(d["name"], d["doc"])
         missing = verify(client[uid])
         if missing:
@@ -390,16 +376,6 @@ def sync(client, spool: str | os.PathLike | None = None, log=None) -> list[tuple
         if log:
             log(f"{uid}: {what}")
     return done
-
-
-def _spooled(path: Path):
-    """The ``{"name", "doc"}`` records of a spool file, read one line at a time."""
-    import json
-
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
 
 
 def analyses(client, raw_uid: str) -> list:

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from ophyd.sim import SynSignalWithRegistry
 
-from bluesky_xrdml import catalog
+from bluesky_xrdml import catalog, spool
 from bluesky_xrdml.callbacks import BraggPeaks, XRDMLCallback
 from bluesky_xrdml.devices import PowderDetector
+from bluesky_xrdml.spool import SpooledWriter
 
 
 def attach(RE, collector, analyses):
@@ -120,20 +121,42 @@ def test_a_frame_of_another_shape_does_not_break_the_raw_writer(
 
 
 def test_the_user_is_told_where_a_spooled_run_went(tmp_path, caplog):
-    spool = tmp_path / "raw"
+    def failing_writer(name, doc):  # the catalog refuses the first event
+        if name == "event_page":
+            raise ConnectionError("catalog unreachable")
 
-    def failing_writer(name, doc):  # TiledWriter spools the whole run when a write fails
-        if name == "start":
-            spool.mkdir(parents=True)
-            (spool / f"{doc['uid'].split('-')[0]}.jsonl").write_text("{}\n")
-
-    sink = catalog.RawRunSink(failing_writer, spool)
+    writer = SpooledWriter(lambda: failing_writer, tmp_path / "raw")
     uid = "0123abcd-0000-0000-0000-000000000000"
-    with caplog.at_level(logging.WARNING, logger="bluesky_xrdml.catalog"):
-        sink("start", {"uid": uid, "time": 0.0})
-        sink("stop", {"uid": "s", "run_start": uid, "time": 1.0, "exit_status": "success"})
-    assert sink.spooled == [(uid, spool / "0123abcd.jsonl")]
-    assert "0123abcd.jsonl" in caplog.text and "xrdml sync" in caplog.text
+    frame = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    docs = [("start", {"uid": uid, "time": 0.0}),
+            ("descriptor", {"uid": "d", "run_start": uid, "time": 0.1, "name": "primary",
+                            "data_keys": {"img": {"source": "sim", "dtype": "array",
+                                                  "shape": [3, 4]}}}),
+            ("event", {"uid": "e", "descriptor": "d", "seq_num": 1, "time": 0.2,
+                       "data": {"img": frame}, "timestamps": {"img": 0.2}}),
+            ("stop", {"uid": "s", "run_start": uid, "time": 1.0, "exit_status": "success"})]
+    with caplog.at_level(logging.WARNING, logger="bluesky_xrdml.spool"):
+        for name, doc in docs:
+            writer(name, doc)
+    path = tmp_path / "raw" / "0123abcd.msgpack"
+    assert writer.spooled == [(uid, path)]
+    assert "0123abcd.msgpack" in caplog.text and "xrdml sync" in caplog.text
+    assert "ConnectionError: catalog unreachable" in caplog.text
+    # every document is in the file, the frame as an array of its own dtype
+    back = list(spool.documents(path))
+    assert [d["name"] for d in back] == ["start", "descriptor", "event_page", "stop"]
+    (img,) = back[2]["doc"]["data"]["img"]
+    assert img.dtype == np.uint16 and np.array_equal(img, frame)
+
+
+def test_a_run_filed_without_trouble_leaves_no_spool_file(tmp_path):
+    got = []
+    writer = SpooledWriter(lambda: lambda name, doc: got.append(name), tmp_path)
+    uid = "4567ef00-0000-0000-0000-000000000000"
+    writer("start", {"uid": uid, "time": 0.0})
+    assert list(tmp_path.glob("*")) == [tmp_path / "4567ef00.msgpack.open"]
+    writer("stop", {"uid": "s", "run_start": uid, "time": 1.0, "exit_status": "success"})
+    assert got == ["start", "stop"] and list(tmp_path.glob("*")) == []
 
 
 def test_a_frame_with_too_many_peaks_is_not_centred_for_minutes(RE, beamline, collector):

@@ -54,7 +54,7 @@ def test_server_stopped_mid_scan_then_synced_exactly_once(tmp_path, fast_failure
             server.__exit__(None, None, None)
     assert cb.wait(timeout=60) and raw.join(timeout=60)
     assert stopped and docs[-1][1]["exit_status"] == "success"  # the scan was not aborted
-    assert sorted(p.parent.name for p in spool.rglob("*.jsonl")) == ["analysis", "raw"]
+    assert sorted(p.parent.name for p in spool.rglob("*.msgpack")) == ["analysis", "raw"]
 
     # the same raw documents analysed without an outage, for comparison
     reference = XRDMLCallback()
@@ -79,7 +79,7 @@ def test_server_stopped_mid_scan_then_synced_exactly_once(tmp_path, fast_failure
 
         # idempotent: nothing left to do, and a file put back is recognised as filed
         assert catalog.sync(client, spool) == []
-        for synced in spool.rglob("*.jsonl.synced"):
+        for synced in spool.rglob("*.msgpack.synced"):
             shutil.copy(synced, synced.with_name(synced.name.removesuffix(".synced")))
         assert set(dict(catalog.sync(client, spool)).values()) == {"already in the catalog"}
         assert len(catalog.analyses(client, uid)) == 1
