@@ -13,6 +13,7 @@ Arrays (inline or external, e.g. HDF5 registered by TiledWriter) are read in chu
 from __future__ import annotations
 
 import copy
+import heapq
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,25 +78,30 @@ class ArchivedRun:
 
     def documents(self, chunk: int = CHUNK):
         """The run's documents as it was recorded: start, descriptors, event pages (in
-        time order across streams, one page per chunk), stop."""
+        time order across streams, one page per chunk), stop. Pages are read from the
+        catalog as they are asked for: at most one chunk per stream is held at a time."""
         yield "start", copy.deepcopy(self.start)
         for s in self.streams:
             yield "descriptor", _clean_descriptor(s.descriptor, self.uid)
-        pages = []
-        for s in self.streams:
-            for rows, data, stamps in s.chunks(chunk):
-                pages.append({
-                    "descriptor": s.descriptor["uid"],
-                    "uid": [f"{s.descriptor['uid']}-{n}" for n in rows["seq_num"]],
-                    "seq_num": rows["seq_num"].astype(int).tolist(),
-                    "time": rows["time"].tolist(),
-                    "data": data, "timestamps": stamps,
-                    "filled": {},
-                })
-        for page in sorted(pages, key=lambda p: p["time"][0] if p["time"] else 0.0):
+        for _, _, page in heapq.merge(*(self._pages(i, s, chunk)
+                                        for i, s in enumerate(self.streams))):
             yield "event_page", page
         if self.stop:
             yield "stop", copy.deepcopy(self.stop)
+
+    @staticmethod
+    def _pages(index: int, s: ArchivedStream, chunk: int):
+        """``(time of the first event, stream index, page)`` per chunk of a stream."""
+        for rows, data, stamps in s.chunks(chunk):
+            times = rows["time"].tolist()
+            yield (times[0] if times else 0.0), index, {
+                "descriptor": s.descriptor["uid"],
+                "uid": [f"{s.descriptor['uid']}-{n}" for n in rows["seq_num"]],
+                "seq_num": rows["seq_num"].astype(int).tolist(),
+                "time": times,
+                "data": data, "timestamps": stamps,
+                "filled": {},
+            }
 
 
 def stream_table(stream):

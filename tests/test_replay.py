@@ -90,8 +90,30 @@ def test_bulk_path_gives_the_same_results_without_a_runengine(archived, collecto
     live = catalog.analyses(client, uid)[-1]
     cb = XRDMLCallback()
     cb.subscribe(collector)
-    for name, doc in ArchivedRun(client[uid]).documents(chunk=5):
+    archived_run = ArchivedRun(client[uid])
+    reads = []  # (data key, slice) of every array read from the catalog
+
+    class Counted:
+        def __init__(self, key, node):
+            self.key, self.node = key, node
+
+        def __getitem__(self, index):
+            reads.append((self.key, index))
+            return self.node[index]
+
+    for s in archived_run.streams:
+        s.arrays = {k: Counted(k, v) for k, v in s.arrays.items()}
+    (primary,) = [s for s in archived_run.streams if s.name == "primary"]
+    docs = archived_run.documents(chunk=5)
+    for name, doc in docs:
         cb(name, doc)
+        if name == "event_page" and doc["descriptor"] == primary.descriptor["uid"]:
+            # read page by page, not the whole run up front
+            assert len(reads) == len(primary.arrays) > 0 and len(doc["seq_num"]) == 5
+            break
+    for name, doc in docs:
+        cb(name, doc)
+    assert sorted({(i.start, i.stop) for _, i in reads}) == [(0, 5), (5, 10), (10, 15)]
     cb.wait(timeout=120)
     import pandas as pd
 
