@@ -41,7 +41,7 @@ class ModelsPlugin(WorkerPlugin):
 
     def setup(self, worker=None):
         from . import catalog
-        from .callbacks.analyzers import default_analyses
+        from .callbacks.registry import default_analyses
 
         self.analyses = default_analyses(models=self.models)
         self.loads += 1
@@ -95,7 +95,7 @@ def reprocess_many(uids: list[str], catalog_uri: str, *, api_key: str | None = N
 
     on_result = on_result or (lambda summary: None)
     if dask is None:
-        from .callbacks.analyzers import default_analyses
+        from .callbacks.registry import default_analyses
 
         client = catalog.connect(catalog_uri, api_key=api_key)
         analyses = default_analyses(models=models)

@@ -1,8 +1,9 @@
 """Document consumers: the routing/analysis callback."""
 
-from .analyzers import BraggPeaks, RoiIntensities, default_analyses
+from .analyzers import BraggPeaks, RoiIntensities
 from .integration import PowderIntegration
 from .operando import OperandoAttention
+from .registry import default_analyses
 from .structure import StructureClassification
 from .xrdml import XRDMLCallback
 

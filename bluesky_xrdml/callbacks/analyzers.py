@@ -9,111 +9,17 @@ a run, assembles maps from what it saw (``finish``).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from .. import layout
-from ..analysis import maps as gridmaps
 from ..analysis.peaks import METHODS, PATCH, FrameError, centre_peaks, prepare
 from ..analysis.roi import PatternError, Roi, check_patterns, integrate_rois, rois_from_phases
-from ..analysis.tomography import reconstruct
+from ..analysis.tomography import reconstruct_images
+from .map_events import assemble_rows, grid_event, voxel_event
+from .routes import Geometry, Item, Route, array_shape, pattern_axis
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Item:
-    """One datum of a raw run: scan point (seq_num), the array, motor positions."""
-
-    point: int
-    value: object
-    positions: dict
-
-
-@dataclass
-class Geometry:
-    """How scan points map onto an image: 'map' (a grid, outer motor first), 'xrdct'
-    (sinogram), 'scatter' (two or more motors, not a grid: ``list_scan``, ``rel_spiral``,
-    fly scans; maps are per point with the measured positions) or 'points'."""
-
-    kind: str
-    shape: tuple = ()
-    motors: tuple = ()
-    snaking: tuple = ()  # per grid axis: True when it runs backwards on odd passes
-
-    @classmethod
-    def from_start(cls, start: dict) -> Geometry:
-        shape, motors = tuple(start.get("shape") or ()), tuple(start.get("motors") or ())
-        snaking = tuple(start.get("snaking") or ())
-        if len(shape) == 2 and len(motors) == 2:
-            kind = "xrdct" if start.get("xrdml_scan") == "xrdct" else "map"
-            return cls(kind, shape, motors, snaking if kind == "map" else ())
-        if len(motors) >= 2:
-            return cls("scatter", shape, motors)
-        return cls("points", shape, motors)
-
-
-@dataclass(eq=False)
-class Route:
-    """A raw data key bound to an analysis, with what the analysis learned from the
-    descriptor (``context``) and what it accumulates over the run (``acc``)."""
-
-    key: str
-    analysis: object
-    first: bool  # the first key routed to this analysis in the run gets the plain stream names
-    external: bool = False  # data arrive through stream_datum, not inside events
-    context: dict = field(default_factory=dict)
-    acc: dict = field(default_factory=dict)
-    # "" inline; "FILESTORE" (events hold datum ids) or "STREAM" (stream_datum documents)
-    reference: str = ""
-    shape: tuple = ()  # the data key's declared shape (leading 1s dropped)
-    upstream: object = None  # the integration route whose patterns feed this one
-    geometry: Geometry | None = None  # of the run, known from its start document
-
-    def stream(self, base: str) -> str:
-        return layout.stream_name(base, self.key, self.first)
-
-    def keep(self, name: str, rows: list) -> None:
-        """Keep per-item rows in ``acc[name]`` for the maps made at the stop, only when
-        the run makes maps: a ``count`` that runs for days keeps nothing."""
-        if self.geometry is None or self.geometry.kind != "points":
-            self.acc.setdefault(name, []).extend(rows)
-
-
-def _array_shape(data_key: dict) -> tuple:
-    shape = [int(s) for s in data_key.get("shape") or [] if s is not None]
-    while len(shape) > 1 and shape[0] == 1:
-        shape.pop(0)
-    return tuple(shape)
-
-
-def pattern_axis(data_key: dict, descriptor: dict, two_theta=None, wavelength=None):
-    """``(two_theta, wavelength)`` of a 1D pattern key: the arguments where given, else the
-    detector's configuration (``*two_theta``, ``*wavelength``; the wavelength may be None).
-    None when the key is not a 1D pattern; a string saying why when its 2θ axis is unknown."""
-    shape = _array_shape(data_key)
-    if len(shape) != 1 or shape[0] < 32:
-        return None
-    obj = data_key.get("object_name")
-    tt = two_theta if two_theta is not None else _config_value(descriptor, obj, "two_theta")
-    if tt is None:
-        return "1D array without a 2θ axis (no '*two_theta' configuration; pass two_theta=)"
-    tt = np.asarray(tt, float)
-    if tt.size != shape[0]:
-        return f"2θ axis has {tt.size} points but the pattern has {shape[0]}"
-    return tt, wavelength or _config_value(descriptor, obj, "wavelength")
-
-
-def _config_value(descriptor: dict, object_name: str | None, suffix: str):
-    """A configuration value of the detector whose name ends with ``suffix``."""
-    config = descriptor.get("configuration") or {}
-    objects = [object_name] if object_name in config else list(config)
-    for obj in objects:
-        for k, v in (config.get(obj) or {}).get("data", {}).items():
-            if k.endswith(suffix):
-                return v
-    return None
 
 
 class BraggPeaks:
@@ -169,7 +75,7 @@ class BraggPeaks:
         return config
 
     def match(self, key: str, data_key: dict, descriptor: dict):
-        shape = _array_shape(data_key)
+        shape = array_shape(data_key)
         if len(shape) == 2 and min(shape) >= 1:
             # frames too small for a patch are routed too: each is recorded as an error
             # saying so, rather than the key being silently passed over
@@ -213,8 +119,8 @@ class BraggPeaks:
         if geometry.kind not in ("map", "scatter") or not frames:
             return {}
         rows = [{**f, "point": f["frame"]} for f in frames]
-        points, values = _assemble(rows, ["n_peaks"], geometry, std=False)
-        return {route.stream(layout.MAPS): _grid_event(values, rows, points, geometry)}
+        points, values = assemble_rows(rows, ["n_peaks"], geometry, std=False)
+        return {route.stream(layout.MAPS): grid_event(values, rows, points, geometry)}
 
 
 def check_frame_input(value, shape=None, dtype=None) -> np.ndarray:
@@ -336,127 +242,14 @@ class RoiIntensities:
         if geometry.kind == "points" or not rows:
             return {}
         names = [r.name for r in route.context["rois"]]
-        points, grids = _assemble(rows, names, geometry)
+        points, grids = assemble_rows(rows, names, geometry)
         if geometry.kind in ("map", "scatter"):
-            return {route.stream(layout.MAPS): _grid_event(grids, rows, points, geometry)}
+            return {route.stream(layout.MAPS): grid_event(grids, rows, points, geometry)}
         # XRD-CT: (rotation, translation) sinograms -> FBP per ROI
         rot, trans = geometry.motors
-        sino = _grid_event({n: grids[n] for n in names}, rows, points, geometry)
+        sino = grid_event({n: grids[n] for n in names}, rows, points, geometry)
         angles, t = sino[1][rot], sino[1][trans]
-        images = {}
-        for name in names:
-            s = np.nan_to_num(grids[name], nan=0.0)
-            images[name] = reconstruct(s, angles) / max(abs(t[1] - t[0]), 1e-12)
+        images = reconstruct_images({n: grids[n] for n in names}, angles, t)
         step = t[1] - t[0] if len(t) > 1 else 0.0
-        return {route.stream(layout.MAPS): _voxel_event(images, step),
+        return {route.stream(layout.MAPS): voxel_event(images, step),
                 route.stream(layout.SINOGRAMS): sino}
-
-
-def _assemble(rows: list, names, geometry: Geometry, std: bool = True):
-    """``(points, grids)``: each value ``name`` (and its ``name_std``) of the per-item rows
-    placed on the scan grid where it was measured (snaking followed), or, for a
-    'scatter' geometry, one value per point in point order."""
-    points = [r["point"] for r in rows]
-    keys = [n for name in names for n in ((name, f"{name}_std") if std else (name,))]
-    if geometry.kind == "scatter":
-        order = np.argsort(points, kind="stable")
-        return ([points[i] for i in order],
-                {n: np.asarray([rows[i][n] for i in order], float) for n in keys})
-    positions = {k: [r.get(m, np.nan) for r in rows] for k, m in enumerate(geometry.motors)}
-    grids = {n: gridmaps.assemble(points, [r[n] for r in rows], geometry.shape,
-                                  geometry.snaking, positions) for n in keys}
-    return points, grids
-
-
-def _voxel_event(images: dict, step: float):
-    """(data keys, data) of one XRD-CT map event: (row, col) images plus voxel coordinates
-    in mm, centred on the rotation axis, ``step`` apart (the translation step)."""
-    n = next(iter(images.values())).shape[0]
-    coord = (np.arange(n) - n // 2) * step
-    keys = {k: layout.array(v.shape, ("row", "col")) for k, v in images.items()}
-    keys["row"] = layout.array((n,), ("row",), units="mm")
-    keys["col"] = layout.array((n,), ("col",), units="mm")
-    return keys, {**images, "row": coord, "col": coord}
-
-
-def _grid_event(values: dict, rows: list, points: list, geometry: Geometry):
-    """(data keys, data) of one map event: 2D arrays with motor dims plus motor coordinates
-    (the mean measured position along each grid axis). For a 'scatter' geometry: 1D arrays
-    along ``point`` (the raw seq_num), with every motor's measured position per point."""
-    if geometry.kind == "scatter":
-        by_point = {r["point"]: r for r in rows}
-        n = len(points)
-        keys = {k: layout.array((n,), ("point",)) for k in values}
-        data = dict(values)
-        keys["point"] = layout.array((n,), ("point",))
-        data["point"] = np.asarray(points, float)
-        for motor in geometry.motors:  # coordinates along "point", not values
-            keys[motor] = {**layout.array((n,), ("point",)), "coordinate": True}
-            data[motor] = np.asarray([by_point[p].get(motor, np.nan) for p in points], float)
-        return keys, data
-    dims = tuple(geometry.motors)
-    keys = {n: layout.array(v.shape, dims) for n, v in values.items()}
-    data = dict(values)
-    all_pos = {k: [r.get(m, np.nan) for r in rows] for k, m in enumerate(dims)}
-    for axis, motor in enumerate(dims):
-        data[motor] = gridmaps.axis_coordinate(points, all_pos[axis], geometry.shape, axis,
-                                               geometry.snaking, all_pos)
-        keys[motor] = layout.array((geometry.shape[axis],), (motor,))
-    return keys, data
-
-
-def default_analyses(rois=None, phases=None, models: dict | None = None) -> list:
-    """Every analysis available: Bragg peaks on frames; ROI intensities and PQ-Net phase
-    quantification on patterns (PQ-Net where the pattern's 2θ grid and wavelength are the
-    model's).
-
-    ``models`` maps a model name to your own weights file, e.g.
-    ``{"braggnn": "my-braggnn.safetensors"}``; shipped weights otherwise.
-    """
-    from .phases import PhaseQuantification
-
-    models = dict(models or {})
-    if "pqnet" in models:  # a model trained with `xrdml train pqnet` says "pqnet"
-        models["pqnet-demo"] = models.pop("pqnet")
-    unknown = set(models) - {"braggnn", "pqnet-demo"}
-    if unknown:
-        raise ValueError(f"no analysis uses model(s) {sorted(unknown)}; "
-                         "known: braggnn, pqnet (or pqnet-demo)")
-    return [BraggPeaks(weights=models.get("braggnn")),
-            RoiIntensities(rois=rois, phases=phases),
-            PhaseQuantification(weights=models.get("pqnet-demo"))]
-
-
-def _pqnet(**kwargs):
-    from .phases import PhaseQuantification
-
-    return PhaseQuantification(**kwargs)
-
-
-# analysis name -> factory: what ``XRDMLCallback(analyses=["roi", ...])`` can name
-ANALYSES: dict = {"bragg-peaks": BraggPeaks, "roi": RoiIntensities, "pqnet": _pqnet}
-
-
-def register_analysis(name: str, factory) -> None:
-    """Let ``XRDMLCallback(analyses=[name])`` build an analysis with ``factory()``."""
-    ANALYSES[name] = factory
-
-
-def resolve_analyses(analyses) -> list:
-    """Analysis objects from objects or names (``["bragg-peaks", "roi"]``); a name nobody
-    registered, or an object that is not an analysis, is refused with the valid names."""
-    if isinstance(analyses, str | bytes):
-        analyses = [analyses]
-    out = []
-    for a in analyses:
-        if isinstance(a, str):
-            if a not in ANALYSES:
-                raise ValueError(f"unknown analysis {a!r}; available: {', '.join(ANALYSES)} "
-                                 "(or pass analysis objects, e.g. RoiIntensities(rois=...))")
-            a = ANALYSES[a]()
-        missing = [m for m in ("match", "streams", "analyze", "finish") if not hasattr(a, m)]
-        if missing or not hasattr(a, "name"):
-            raise TypeError(f"{a!r} is not an analysis (it lacks {missing or ['name']}); "
-                            f"pass analysis objects or names: {', '.join(ANALYSES)}")
-        out.append(a)
-    return out

@@ -20,7 +20,7 @@ import numpy as np
 from .. import layout
 from ..analysis.integrate import METHOD, PowderIntegrator
 from ..analysis.peaks import FrameError
-from .analyzers import Item, Route, _array_shape, _config_value
+from .routes import Item, Route, array_shape, config_value
 
 INTEGRATED = "integrated"
 
@@ -61,7 +61,7 @@ class PowderIntegration:
     def calibration_for(self, key: str, data_key: dict, descriptor: dict):
         if key in self.calibrations:
             return self.calibrations[key]
-        poni = _config_value(descriptor, data_key.get("object_name"), "poni")
+        poni = config_value(descriptor, data_key.get("object_name"), "poni")
         if isinstance(poni, str) and poni.strip().startswith("{"):
             poni = json.loads(poni)
         return poni or None
@@ -88,7 +88,7 @@ class PowderIntegration:
         return _CACHE[ident]
 
     def match(self, key: str, data_key: dict, descriptor: dict):
-        shape = _array_shape(data_key)
+        shape = array_shape(data_key)
         if len(shape) != 2:
             return None
         calibration = self.calibration_for(key, data_key, descriptor)

@@ -28,17 +28,9 @@ import numpy as np
 from .. import layout
 from ..analysis import maps as gridmaps
 from ..analysis.roi import PatternError, check_patterns
-from ..analysis.tomography import reconstruct_channels
-from .analyzers import (
-    Geometry,
-    Item,
-    Route,
-    _array_shape,
-    _assemble,
-    _config_value,
-    _grid_event,
-    _voxel_event,
-)
+from ..analysis.tomography import quantify_voxels
+from .map_events import assemble_rows, grid_event, voxel_event
+from .routes import Geometry, Item, Route, array_shape, config_value
 
 logger = logging.getLogger(__name__)
 
@@ -129,13 +121,13 @@ class PhaseQuantification:
         return names
 
     def match(self, key: str, data_key: dict, descriptor: dict):
-        shape = _array_shape(data_key)
+        shape = array_shape(data_key)
         if len(shape) != 1 or shape[0] < 32:
             return None
         if self.model is None:
             return self.error
         obj = data_key.get("object_name")
-        tt = _config_value(descriptor, obj, "two_theta")
+        tt = config_value(descriptor, obj, "two_theta")
         if tt is None:
             return "1D array without a 2θ axis (no '*two_theta' configuration)"
         tt = np.asarray(tt, float)
@@ -155,7 +147,7 @@ class PhaseQuantification:
                         "points) at least as finely; train a model for this detector "
                         "(xrdml train pqnet)")
             resample = True
-        wl = _config_value(descriptor, obj, "wavelength")
+        wl = config_value(descriptor, obj, "wavelength")
         if wl is None:
             return "no wavelength in the configuration"
         if abs(float(wl) - float(self.model.wavelength)) > 1e-4:
@@ -266,24 +258,15 @@ class PhaseQuantification:
         rows = route.acc.get("rows", [])
         if geometry.kind == "points" or not rows:
             return {}
-        points, grids = _assemble(rows, self.value_names(), geometry)
-        return {route.stream(layout.MAPS): _grid_event(grids, rows, points, geometry)}
+        points, grids = assemble_rows(rows, self.value_names(), geometry)
+        return {route.stream(layout.MAPS): grid_event(grids, rows, points, geometry)}
 
     def quantify_sinogram(self, sinograms: np.ndarray, angles, step: float):
-        """(n_angles, n_translations, C) counts → (images dict name -> (n, n), n).
-
-        Every channel reconstructed (FBP; counts per mm of path), negative FBP ripples
-        clipped to 0, every voxel quantified; voxels whose diffracted signal (Σ scale) is
-        below ``min_intensity`` of the brightest voxels' (99.5th percentile) hold no phase
-        (background or air) and are left out (NaN)."""
-        volume = reconstruct_channels(sinograms, angles, self.rank) / max(abs(step), 1e-12)
-        n = volume.shape[0]
-        flat = np.clip(volume.reshape(n * n, -1), 0.0, None)
-        ds = self.model.predict(flat)
-        signal = np.nansum(np.clip(ds["scale"].values, 0, None), axis=1)
-        top = np.percentile(signal, 99.5) if signal.size else 0.0
-        inside = (signal >= self.min_intensity * top) & (top > 0)
-        ds = ds.isel(pattern=np.nonzero(inside)[0])
+        """(n_angles, n_translations, C) counts → (images dict name -> (n, n), n): the
+        voxels quantified by ``analysis.tomography.quantify_voxels``, NaN outside the
+        sample."""
+        ds, inside, n = quantify_voxels(self.model.predict, sinograms, angles, step,
+                                        self.rank, self.min_intensity)
         images = {}
         for name in self.value_names():
             for suffix in ("", "_std"):
@@ -316,5 +299,5 @@ class PhaseQuantification:
         t = gridmaps.axis_coordinate(points, pos[trans], geometry.shape, 1)
         step = t[1] - t[0] if len(t) > 1 else 1.0
         images, _ = self.quantify_sinogram(sino.reshape(n_a, n_t, c), angles, step)
-        return {route.stream(layout.MAPS): _voxel_event(images, step if len(t) > 1 else 0.0)}
+        return {route.stream(layout.MAPS): voxel_event(images, step if len(t) > 1 else 0.0)}
 

@@ -16,7 +16,7 @@ from event_model import DocumentRouter, compose_run
 
 from .. import __version__, layout
 from ..external import ExternalDataError, ExternalReader
-from .analyzers import Geometry, Item, Route, _array_shape
+from .routes import Geometry, Item, Route, array_shape
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class RunAnalysis(DocumentRouter):
                     upstream = Route(key, self.integration, first=self.integration.name
                                      not in taken, external=reference == "STREAM",
                                      context=context, reference=reference,
-                                     shape=_array_shape(data_key),
+                                     shape=array_shape(data_key),
                                      geometry=self.geometry)
                     taken.add(self.integration.name)
                     routes.append(upstream)
@@ -152,7 +152,7 @@ class RunAnalysis(DocumentRouter):
                     route = Route(key, analysis, first=analysis.name not in taken,
                                   external=reference == "STREAM" and upstream is None,
                                   context=context, reference=reference,
-                                  shape=_array_shape(data_key), upstream=upstream,
+                                  shape=array_shape(data_key), upstream=upstream,
                                   geometry=self.geometry)
                     taken.add(analysis.name)
                     routes.append(route)

@@ -34,7 +34,7 @@ import numpy as np
 from .. import layout
 from ..analysis.roi import PatternError, check_patterns
 from ..simulation.crystals import CRYSTAL_SYSTEMS
-from .analyzers import Geometry, Item, Route, _array_shape, _config_value, pattern_axis
+from .routes import Geometry, Item, Route, array_shape, config_value, pattern_axis
 
 logger = logging.getLogger(__name__)
 
@@ -160,13 +160,13 @@ class StructureClassification:
     # --- routing ------------------------------------------------------------------
     def match(self, key: str, data_key: dict, descriptor: dict):
         if self.model is None:
-            shape = _array_shape(data_key)
+            shape = array_shape(data_key)
             return self.error if len(shape) == 1 and shape[0] >= 32 else None
         shared = self._shared(descriptor)
         if self.composition_key is not None and key == self.composition_key:
             elements = self.elements
             if elements is None:
-                elements = _config_value(descriptor, data_key.get("object_name"), "elements")
+                elements = config_value(descriptor, data_key.get("object_name"), "elements")
             return {"role": "composition", "shared": shared,
                     "elements": list(elements) if elements is not None else None}
         axis = pattern_axis(data_key, descriptor, self.two_theta, self.wavelength)

@@ -19,8 +19,8 @@ from collections import deque
 from event_model import RunRouter
 
 from ..external import ExternalReader
-from .analyzers import default_analyses, resolve_analyses
 from .integration import PowderIntegration
+from .registry import default_analyses, resolve_analyses
 from .run import RunAnalysis
 from .worker import BackgroundSink, Worker
 

@@ -364,10 +364,10 @@ def labelled_runs(catalog_uri: str, uids: list[str], key: str | None = None) -> 
             raise ValueError(f"run {uid} has no 1D pattern key (data keys: {sorted(stream)}); "
                              "pass --key")
         obj = desc["data_keys"][k].get("object_name")
-        from ..callbacks.analyzers import _config_value
+        from ..callbacks.routes import config_value
 
-        tt = _config_value(desc, obj, "two_theta")
-        wl = _config_value(desc, obj, "wavelength")
+        tt = config_value(desc, obj, "two_theta")
+        wl = config_value(desc, obj, "wavelength")
         if tt is None or wl is None:
             raise ValueError(f"run {uid}: no '*two_theta' / '*wavelength' configuration for {k}")
         runs.append({"uid": uid, "patterns": np.asarray(stream[k][:], float).reshape(-1, len(tt)),
