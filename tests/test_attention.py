@@ -252,3 +252,18 @@ def test_shipped_demo_model_follows_a_fresh_cycle():
     assert np.mean(pred["mode"].argmax(1) == (run.mode == "discharge")) > 0.9
     assert np.mean(pred["rate"].argmax(1) == (run.rate == 0.2)) > 0.9
     assert 0.6 < np.mean(err <= 2 * pred["voltage_std"]) <= 1.0
+
+
+def test_operando_figures_keep_a_bounded_history_spread_over_the_whole_run():
+    from bluesky_xrdml.callbacks.operando import FigureHistory
+
+    history = FigureHistory(capacity=100)
+    for point in range(1, 10_001):  # days of cycling, one pattern per point
+        history.measured("voltage", point, 3.0 + point * 1e-4)
+        history.add({"point": point, "voltage": 3.0}, np.full(256, point, np.float32))
+    points = [r["point"] for r in history.rows]
+    assert 50 <= len(points) <= 100 and points[0] == 1 and points[-1] > 9_800
+    steps = set(np.diff(points))
+    assert len(steps) == 1  # evenly spread
+    assert [int(x[0]) for x in history.x] == points  # patterns stay with their rows
+    assert sorted(history.values["voltage"]) == points

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import layout
-from .analyzers import Geometry, Item, Route, _array_shape, _config_value
+from .routes import Geometry, Item, Route, array_shape, config_value
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,39 @@ def _label(rate_label: str) -> str:
     return rate_label.replace(".", "p")
 
 
+class FigureHistory:
+    """What the figures of one run show: at most ``capacity`` patterns, evenly spread over
+    the whole run however long it lasts. Every pattern is kept until the history is full;
+    then every second one is dropped and only every second new one kept, and so on (a
+    stride that doubles), so memory stays flat over days of cycling."""
+
+    def __init__(self, capacity: int = 2000):
+        self.capacity, self.stride = max(2, int(capacity)), 1
+        self.rows: list[dict] = []
+        self.x: list[np.ndarray] = []
+        self.values: dict[str, dict] = {"voltage": {}, "time": {}}  # name -> point -> value
+
+    def _kept(self, point: int) -> bool:
+        return (point - 1) % self.stride == 0
+
+    def measured(self, name: str, point: int, value: float) -> None:
+        if self._kept(point):
+            self.values[name][point] = value
+
+    def add(self, row: dict, x: np.ndarray) -> None:
+        if not self._kept(row["point"]):
+            return
+        self.rows.append(row)
+        self.x.append(x)
+        if len(self.rows) > self.capacity:
+            self.stride *= 2
+            keep = [i for i, r in enumerate(self.rows) if self._kept(r["point"])]
+            self.rows = [self.rows[i] for i in keep]
+            self.x = [self.x[i] for i in keep]
+            for name, values in self.values.items():
+                self.values[name] = {p: v for p, v in values.items() if self._kept(p)}
+
+
 class OperandoAttention:
     """Operando 1D patterns → the attention model's predictions (see the module doc).
 
@@ -47,17 +80,21 @@ class OperandoAttention:
     ``attention-demo`` model or ``weights=`` a path to your own. ``voltage_key`` /
     ``time_key``: suffixes of the event's scalar keys holding the measured voltage (V) and
     the cell time (s), for the figures. ``figures``: folder of the PNGs (default
-    ``$XRDML_FIGURES`` or ``./xrdml-figures``; ``False`` for none).
+    ``$XRDML_FIGURES`` or ``./xrdml-figures``; ``False`` for none). ``figure_points``: the
+    most patterns a run's figures show (``FigureHistory``: evenly spread over the run; each
+    costs ~3 kB until the stop); the ``operando`` stream has every pattern.
     """
 
     name = "attention"
     base_streams = (OPERANDO,)
 
     def __init__(self, weights=None, *, detectors=None, model=None, device: str = "auto",
-                 voltage_key: str = "voltage", time_key: str = "time", figures=None):
+                 voltage_key: str = "voltage", time_key: str = "time", figures=None,
+                 figure_points: int = 2000):
         self.model, self.error = model, ""
         self.detectors = set(detectors) if detectors else None
         self.voltage_key, self.time_key = voltage_key, time_key
+        self.figure_points = figure_points
         if figures is None:
             figures = os.environ.get("XRDML_FIGURES", "xrdml-figures")
         self.figures = Path(figures) if figures else None
@@ -89,7 +126,7 @@ class OperandoAttention:
     def _patterns_of(self, descriptor: dict) -> list[str]:
         keys = []
         for k, dk in descriptor.get("data_keys", {}).items():
-            shape = _array_shape(dk)
+            shape = array_shape(dk)
             if len(shape) != 1 or shape[0] < 32:
                 continue
             if self.detectors is None or k in self.detectors or \
@@ -99,7 +136,7 @@ class OperandoAttention:
 
     def _scalar(self, descriptor: dict, suffix: str) -> str | None:
         for k, dk in descriptor.get("data_keys", {}).items():
-            if k.endswith(suffix) and not _array_shape(dk) and dk.get("dtype") in (
+            if k.endswith(suffix) and not array_shape(dk) and dk.get("dtype") in (
                     "number", "integer"):
                 return k
         return None
@@ -117,13 +154,13 @@ class OperandoAttention:
         if self.model is None:
             return self.error
         obj = data_key.get("object_name")
-        tt = _config_value(descriptor, obj, "two_theta")
-        wl = _config_value(descriptor, obj, "wavelength")
+        tt = config_value(descriptor, obj, "two_theta")
+        wl = config_value(descriptor, obj, "wavelength")
         if tt is None or wl is None:
             return "1D pattern without a 2θ axis or wavelength in its configuration"
         tt = np.asarray(tt, float)
-        if tt.size != _array_shape(data_key)[0]:
-            return f"2θ axis has {tt.size} points but the pattern has {_array_shape(data_key)[0]}"
+        if tt.size != array_shape(data_key)[0]:
+            return f"2θ axis has {tt.size} points but the pattern has {array_shape(data_key)[0]}"
         try:  # the pattern must cover the model's Q range
             self.model.prepare(np.ones((1, tt.size)), tt, float(wl))
         except ValueError as err:
@@ -151,16 +188,15 @@ class OperandoAttention:
         keys.update(layout.position_keys(motors))
         return {route.context["stream"]: keys}
 
-    def _store(self, route: Route) -> dict:
-        return self._runs.setdefault(route.context["descriptor"], {
-            "voltage": {}, "time": {}, "rows": [], "x": [], "points": []})
+    def _store(self, route: Route) -> FigureHistory:
+        return self._runs.setdefault(route.context["descriptor"],
+                                     FigureHistory(self.figure_points))
 
     def analyze(self, route: Route, items: list[Item]):
         store = self._store(route)
         if "companion" in route.context:
-            values = store[route.context["companion"]]
             for item in items:
-                values[item.point] = float(item.value)
+                store.measured(route.context["companion"], item.point, float(item.value))
             return {}, []
         from ..models.attention import PatternError
 
@@ -188,15 +224,15 @@ class OperandoAttention:
                 for j, label in enumerate(labels):
                     row[f"p_rate_{_label(label)}"] = float(pred["rate"][i, j])
                 rows.append(row)
-            store["x"].append(x)
-        store["rows"].extend({k: v for k, v in r.items() if k != "vaw_two_theta"} for r in rows)
+            for row, xi in zip(rows, x):
+                store.add({k: v for k, v in row.items() if k != "vaw_two_theta"}, xi)
         return {route.context["stream"]: rows}, errors
 
     def finish(self, route: Route, geometry: Geometry) -> dict:
         if "companion" in route.context:
             return {}
         store = self._runs.pop(route.context["descriptor"], None)
-        if store and store["rows"] and self.figures:
+        if store and store.rows and self.figures:
             try:
                 self.saved += self.save_figures(store, route)
             except Exception:  # a figure must never fail the analysis run
@@ -208,7 +244,7 @@ class OperandoAttention:
 
         tag = f"{route.context.get('raw_uid', '')[:8]}_{route.key}"
         return plot_operando(
-            rows=store["rows"], x=np.concatenate(store["x"]), measured=store["voltage"],
-            time=store["time"], vaw_two_theta=self.model.vaw_two_theta(
+            rows=store.rows, x=np.stack(store.x), measured=store.values["voltage"],
+            time=store.values["time"], vaw_two_theta=self.model.vaw_two_theta(
                 route.context["wavelength"]),
             rate_labels=self.model.rate_labels, out_dir=self.figures, tag=tag)
