@@ -12,8 +12,15 @@ RunEngine when detectors take a real exposure.
    detector would not): 1D patterns and 2048x2048 frames. Prints the RunEngine time ratio
    (target <= 1.05) and how long after the scan's stop the analysis run closed (target
    <= 2 s: the analysis keeps up).
+3. A dead catalog mid-scan: the same exposed powder scan with the raw writer and the
+   analysis writer filing into an embedded catalog, once with the catalog up throughout
+   and once with its server stopped after the first tenth of the points. Prints the
+   RunEngine time of both (target: within 10 %), the runs left in the spool, and what
+   ``sync`` did with them once a server is back (each run filed once; a second ``sync``
+   has nothing to do).
 
     .venv/bin/python benchmarks/long_scan.py [--patterns 20000] [--points 100]
+                                             [--stages memory,cost,outage]
 """
 
 from __future__ import annotations
@@ -136,17 +143,85 @@ def cost(points: int, exposure: float) -> None:
         cb.close()
 
 
+def outage(points: int, exposure: float) -> None:
+    import tempfile
+    from pathlib import Path
+
+    import tiled.client.utils as utils
+
+    from bluesky_xrdml import catalog
+
+    # the client's retries (45 s by default) run on the writers' threads, not the scan's;
+    # shortened so that the benchmark does not wait for them at the end
+    utils.TILED_RETRY_ATTEMPTS, utils.TILED_RETRY_TIMEOUT = 1, 1.0
+    bl = sim_beamline(seed=3)
+    powder = ExposedPowder(name="powder", x=bl.x, y=bl.y, rotation=bl.rot, seed=3)
+    pool = []
+    for i in range(8):
+        bl.x.set(-0.8 + 0.2 * i)
+        PowderDetector.trigger(powder)
+        pool.append(powder.pattern.get().copy())
+    powder.setup_exposure(powder.pattern, pool, exposure)
+    times = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in ("catalog up", "catalog stopped after 10 % of the points"):
+            directory, spool = Path(tmp) / case[:11].replace(" ", "-"), Path(tmp) / "spool"
+            server = catalog.embedded(directory)
+            _, client = server.__enter__()
+            stopped = []
+            RE = RunEngine({})
+            raw = catalog.raw_writer(client, spool=spool)
+            cb = XRDMLCallback()
+            cb.subscribe(catalog.analysis_writer(client, spool=spool))
+            RE.subscribe(raw)
+            RE.subscribe(cb)
+            if case != "catalog up":
+                def kill(name, doc, server=server, stopped=stopped):
+                    if name == "event" and doc["seq_num"] == max(1, points // 10) \
+                            and not stopped:
+                        stopped.append(time.perf_counter())
+                        server.__exit__(None, None, None)
+                RE.subscribe(kill)
+            t0 = time.perf_counter()
+            (uid,) = RE(bp.count([powder], num=points))
+            times[case] = time.perf_counter() - t0
+            cb.wait(timeout=600)
+            raw.join(timeout=600)
+            cb.close()
+            if not stopped:
+                server.__exit__(None, None, None)
+            left = sorted(p.relative_to(spool).as_posix() for p in spool.rglob("*.msgpack"))
+            print(f"  {case}: RunEngine {times[case]:.2f} s; spooled: {left or 'nothing'}")
+        ratio = times["catalog stopped after 10 % of the points"] / times["catalog up"]
+        print(f"  scan time with the catalog dead vs up: ratio {ratio:.3f} (target <= 1.10)")
+        with catalog.embedded(directory) as (_, client):
+            first = catalog.sync(client, spool)
+            second = catalog.sync(client, spool)
+            n = client[uid]["primary"]["powder_pattern"].shape[0]
+            print(f"  sync once the server is back: {[what for _, what in first]}; "
+                  f"a second sync: {second or 'nothing to do'}; the raw run {uid[:8]} now "
+                  f"has {n} of {points} patterns, its analysis runs: "
+                  f"{len(catalog.analyses(client, uid))}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patterns", type=int, default=20_000)
     parser.add_argument("--points", type=int, default=100)
     parser.add_argument("--exposure", type=float, default=0.1)
+    parser.add_argument("--stages", default="memory,cost,outage")
     args = parser.parse_args()
+    stages = args.stages.split(",")
     print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
-    print(f"1. memory over a count of {args.patterns} powder patterns")
-    memory(args.patterns)
-    print(f"2. cost to the scan: {args.points} points, {args.exposure} s exposure each")
-    cost(args.points, args.exposure)
+    if "memory" in stages:
+        print(f"1. memory over a count of {args.patterns} powder patterns")
+        memory(args.patterns)
+    if "cost" in stages:
+        print(f"2. cost to the scan: {args.points} points, {args.exposure} s exposure each")
+        cost(args.points, args.exposure)
+    if "outage" in stages:
+        print(f"3. a dead catalog mid-scan: {args.points} points, {args.exposure} s exposure")
+        outage(args.points, args.exposure)
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
 
 
