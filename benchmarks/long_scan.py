@@ -20,7 +20,7 @@ RunEngine when detectors take a real exposure.
    has nothing to do).
 
     .venv/bin/python benchmarks/long_scan.py [--patterns 20000] [--points 100]
-                                             [--stages memory,cost,outage]
+                                             [--stages memory,writers,cost,outage]
 """
 
 from __future__ import annotations
@@ -101,6 +101,53 @@ def memory(patterns: int, warmup: int = 2000) -> None:
                                                   if cb else ""))
         if cb is not None:
             cb.close()
+
+
+def memory_with_writers(patterns: int, exposure: float, warmup: int = 1000) -> None:
+    """RSS growth with the raw and analysis writers filing into an embedded catalog (each
+    run spooled to disk until filed): exposed detector, so the writers keep up."""
+    import tempfile
+
+    from bluesky_xrdml import catalog
+
+    bl = sim_beamline(seed=5)
+    powder = ExposedPowder(name="powder", x=bl.x, y=bl.y, rotation=bl.rot, seed=5)
+    pool = []
+    for i in range(8):
+        bl.x.set(-0.8 + 0.2 * i)
+        PowderDetector.trigger(powder)
+        pool.append(powder.pattern.get().copy())
+    powder.setup_exposure(powder.pattern, pool, exposure)
+    samples = {}
+
+    def sample(name, doc):
+        if name == "event" and doc["seq_num"] in (warmup, patterns):
+            samples[doc["seq_num"]] = rss_mb()
+
+    with tempfile.TemporaryDirectory() as tmp, \
+            catalog.embedded(f"{tmp}/catalog") as (_, client):
+        RE = RunEngine({})
+        raw = catalog.raw_writer(client, spool=f"{tmp}/spool")
+        cb = XRDMLCallback()
+        cb.subscribe(catalog.analysis_writer(client, spool=f"{tmp}/spool"))
+        RE.subscribe(raw)
+        RE.subscribe(cb)
+        RE.subscribe(sample)
+        t0 = time.perf_counter()
+        (uid,) = RE(bp.count([powder], num=patterns))
+        t_scan = time.perf_counter() - t0
+        cb.wait()
+        raw.join()
+        lag = time.perf_counter() - t0 - t_scan
+        cb.close()
+        grow = (samples[patterns] - samples[warmup]) / (patterns - warmup) * 1000
+        (run,) = catalog.analyses(client, uid)
+        print(f"  XRDMLCallback + raw and analysis writers (embedded catalog, {exposure} s "
+              f"exposure): RSS {samples[warmup]:.0f} MB after {warmup} events, "
+              f"{samples[patterns]:.0f} MB after {patterns}: {grow:+.2f} MB per 1000 events; "
+              f"everything filed {lag:.1f} s after the stop; raw run has "
+              f"{client[uid]['primary']['powder_pattern'].shape[0]} patterns, analysis run "
+              f"{run.metadata['stop']['exit_status']}")
 
 
 def cost(points: int, exposure: float) -> None:
@@ -209,13 +256,19 @@ def main() -> None:
     parser.add_argument("--patterns", type=int, default=20_000)
     parser.add_argument("--points", type=int, default=100)
     parser.add_argument("--exposure", type=float, default=0.1)
-    parser.add_argument("--stages", default="memory,cost,outage")
+    parser.add_argument("--writer-patterns", type=int, default=5000)
+    parser.add_argument("--writer-exposure", type=float, default=0.02)
+    parser.add_argument("--stages", default="memory,writers,cost,outage")
     args = parser.parse_args()
     stages = args.stages.split(",")
     print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
     if "memory" in stages:
         print(f"1. memory over a count of {args.patterns} powder patterns")
         memory(args.patterns)
+    if "writers" in stages:
+        print(f"1b. memory with the writers filing into a catalog: {args.writer_patterns} "
+              f"patterns, {args.writer_exposure} s exposure")
+        memory_with_writers(args.writer_patterns, args.writer_exposure)
     if "cost" in stages:
         print(f"2. cost to the scan: {args.points} points, {args.exposure} s exposure each")
         cost(args.points, args.exposure)

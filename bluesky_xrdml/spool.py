@@ -87,9 +87,10 @@ class _RunSpool:
                 self.writer(name, doc)
             except Exception as err:
                 self.failed = f"{type(err).__name__}: {err}"
-                logger.exception("%s %s: writing a %r document to the catalog failed; the "
-                                 "rest of the run goes only to the spool", self.owner.what,
-                                 self.uid, name)
+                logger.error("%s %s: writing a %r document to the catalog failed (%s); the "
+                             "rest of the run goes only to the spool", self.owner.what,
+                             self.uid, name, self.failed,
+                             exc_info=logger.isEnabledFor(logging.DEBUG))
         if name == "stop":
             self.close()
 

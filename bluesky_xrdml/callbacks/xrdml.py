@@ -82,6 +82,10 @@ class XRDMLCallback(RunRouter):
             self.integration.calibrations.update(calibrations)
         self._external = {"handler_registry": dict(handler_registry or {}),
                           "root_map": dict(root_map or {}), "timeout": external_timeout}
+        # token -> sink. Not bluesky's CallbackRegistry: it holds bound methods weakly (a
+        # sink like ``writer.write`` would vanish with no error once the user drops the
+        # writer) and it cannot count failing sinks (``sink_failures``) nor join/close
+        # background sinks; tokens work the same way (``subscribe`` / ``unsubscribe``).
         self._sinks: dict[int, object] = {}
         self._tokens = itertools.count()
         self.runs: deque[RunAnalysis] = deque(maxlen=100)
