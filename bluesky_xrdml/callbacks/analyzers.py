@@ -9,6 +9,7 @@ a run, assembles maps from what it saw (``finish``).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,6 +71,7 @@ class Route:
     shape: tuple = ()  # the data key's declared shape (leading 1s dropped)
     upstream: object = None  # the integration route whose patterns feed this one
     geometry: Geometry | None = None  # of the run, known from its start document
+    budget: object = None  # TimeBudget of the batch in hand (callbacks/budget.py)
 
     def stream(self, base: str) -> str:
         return layout.stream_name(base, self.key, self.first)
@@ -182,7 +184,12 @@ class BraggPeaks:
 
     def analyze(self, route: Route, items: list[Item]):
         prepared, used, errors = [], [], []
-        for item in items:
+        budget = route.budget  # checked between frames: a ring frame is cut, not centred
+        for n, item in enumerate(items):
+            if budget is not None and n and budget.exceeded():
+                errors.extend((it.point, budget.batch_message(n)) for it in items[n:])
+                break
+            t0 = time.monotonic()
             try:
                 frame = check_frame_input(item.value, route.context.get("shape"),
                                           route.context.get("dtype"))
@@ -193,6 +200,11 @@ class BraggPeaks:
                         ": powder rings rather than spots? Give the detector a pyFAI "
                         "calibration (XRDMLCallback(calibrations={key: 'file.poni'})) to "
                         "integrate it, or raise BraggPeaks(max_peaks=...)")
+                took = time.monotonic() - t0
+                if budget is not None and took > budget.per_frame:
+                    raise FrameError(budget.frame_message(
+                        "peak finding", took, "rings on an area detector? Give the key a pyFAI "
+                        "calibration (XRDMLCallback(calibrations={key: 'file.poni'}))"))
                 prepared.append(fp)
                 used.append(item)
             except FrameError as err:
