@@ -1,6 +1,7 @@
 """BraggNN: architecture, predict contract, training, frame pipeline, callback, fine-tuning."""
 
 import json
+import re
 
 import bluesky.plans as bp
 import numpy as np
@@ -314,6 +315,10 @@ def test_finetune_on_real_frames_from_a_frame_cache(tmp_path):
                                       "3", "--out", str(out), "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert "held-out spots" in result.output
+    # output captured (not a terminal): a plain progress line per epoch, with the time left
+    epochs = re.findall(r"BraggNN: epoch (\d)/3 \| train rmse [\d.]+ px.* elapsed, ~\S+ left",
+                        result.output)
+    assert epochs == ["1", "2", "3"], result.output
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["training"]["data"]["frame_cache"] == str(path)
     assert card["training"]["labelled"]["labelled"] >= 15

@@ -136,3 +136,41 @@ def test_a_map_of_ring_frames_gives_the_pqnet_maps_of_its_patterns(RE, collector
         a, b = np.asarray(from_patterns[key]), np.asarray(from_rings[key])
         assert a.shape == b.shape == (4, 4)
         assert np.nanmean(np.abs(a - b)) < 0.05, (key, a, b)
+
+
+@pytest.mark.parametrize("split", ["bbox", "no"])
+@pytest.mark.parametrize("polarization", [None, 0.95])
+def test_the_fast_path_gives_pyfais_own_integrate1d(split, polarization):
+    """Our product with pyFAI's look-up table is pyFAI's integrate1d (Poisson σ, masks,
+    dead pixels, polarisation, a radial range), at a fraction of its cost per frame."""
+    from bluesky_xrdml.analysis.integrate import load_integrator, ring_frame
+
+    shape = (120, 150)
+    poni = {"dist": 0.1, "poni1": 0.007, "poni2": 0.005, "rot1": 0.05, "rot2": -0.03,
+            "wavelength": 0.5e-10, "detector": "Detector",
+            "detector_config": {"pixel1": 100e-6, "pixel2": 100e-6, "max_shape": list(shape)}}
+    ai = load_integrator(poni)
+    tt = np.linspace(0, 30, 3000)
+    expected = ring_frame(ai, tt, 10 + 500 * np.exp(-0.5 * ((tt - 7) / 0.1) ** 2), shape)
+    frame = np.random.default_rng(1).poisson(expected).astype(np.int32)
+    frame[5:9, :] = -1  # a module gap
+    frame[50, 50] = -2  # a dead pixel
+    frame[60:62, 3] = 0  # zero counts: Poisson variance max(1, I)
+    mask = np.zeros(shape, bool)
+    mask[:, 100:104] = True
+    method = (split, "csr", "cython")
+    for radial_range in (None, (3.0, 9.0)):
+        ours = PowderIntegrator(ai, npt=200, radial_range=radial_range, mask=mask,
+                                polarization=polarization, method=method).integrate(frame)
+        ref = ai.integrate1d(frame, 200, unit="2th_deg", radial_range=radial_range,
+                             method=method, error_model="poisson", dummy=-1.5,
+                             delta_dummy=0.6, mask=mask, polarization_factor=polarization,
+                             correctSolidAngle=False)
+        assert np.allclose(ours.two_theta, ref.radial, atol=1e-9)
+        # float32 sums of a few hundred pixels per bin, as in pyFAI
+        assert np.allclose(ours.intensity[0], ref.intensity, rtol=1e-5,
+                           atol=1e-5 * ref.intensity.max())
+        assert np.allclose(ours.sigma[0], ref.sigma, rtol=1e-5, atol=1e-5 * ref.sigma.max())
+        assert ours.intensity[0].max() > 100  # the ring is there
+    # the user's integrator is used, not changed: its detector keeps its own mask
+    assert ai.detector.mask is None or not ai.detector.mask[:, 100:104].any()

@@ -1,6 +1,7 @@
 """The structure classifier: simulation, model contract, training, live use."""
 
 import json
+import re
 import time
 
 import numpy as np
@@ -238,6 +239,9 @@ def test_train_command_writes_weights_card_and_curve(protos, tmp_path):
                                    str(tmp_path / "cache"), "--steps", "6", "--batch", "4",
                                    "--threads", "1", "--out", str(out)])
     assert res.exit_code == 0, res.output
+    # output captured (not a terminal): plain progress lines, not a silent rich bar
+    assert re.search(r"structure: step 6/6 \| loss [\d.]+ acc [\d.]+.* elapsed, ~0s left",
+                     res.output), res.output
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["model"] == "structure" and card["data"]["structures"] == 20
     assert set(card["temperature"]) == {"chemistry", "pattern_only"}

@@ -9,6 +9,7 @@ a run, assembles maps from what it saw (``finish``).
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
@@ -88,7 +89,12 @@ class BraggPeaks:
 
     def analyze(self, route: Route, items: list[Item]):
         prepared, used, errors = [], [], []
-        for item in items:
+        budget = route.budget  # checked between frames: a ring frame is cut, not centred
+        for n, item in enumerate(items):
+            if budget is not None and n and budget.exceeded():
+                errors.extend((it.point, budget.batch_message(n)) for it in items[n:])
+                break
+            t0 = time.monotonic()
             try:
                 frame = check_frame_input(item.value, route.context.get("shape"),
                                           route.context.get("dtype"))
@@ -99,6 +105,11 @@ class BraggPeaks:
                         ": powder rings rather than spots? Give the detector a pyFAI "
                         "calibration (XRDMLCallback(calibrations={key: 'file.poni'})) to "
                         "integrate it, or raise BraggPeaks(max_peaks=...)")
+                took = time.monotonic() - t0
+                if budget is not None and took > budget.per_frame:
+                    raise FrameError(budget.frame_message(
+                        "peak finding", took, "rings on an area detector? Give the key a pyFAI "
+                        "calibration (XRDMLCallback(calibrations={key: 'file.poni'}))"))
                 prepared.append(fp)
                 used.append(item)
             except FrameError as err:

@@ -59,6 +59,7 @@ class Route:
     shape: tuple = ()  # the data key's declared shape (leading 1s dropped)
     upstream: object = None  # the integration route whose patterns feed this one
     geometry: Geometry | None = None  # of the run, known from its start document
+    budget: object = None  # TimeBudget of the batch in hand (callbacks/budget.py)
 
     def stream(self, base: str) -> str:
         return layout.stream_name(base, self.key, self.first)

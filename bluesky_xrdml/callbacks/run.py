@@ -16,9 +16,12 @@ from event_model import DocumentRouter, compose_run
 
 from .. import __version__, layout
 from ..external import ExternalDataError, ExternalReader
+from .budget import TimeBudget, chunks
 from .routes import Geometry, Item, Route, array_shape
 
 logger = logging.getLogger(__name__)
+
+CHUNK = 16  # frames per analysis call when a frame_time_limit is set
 
 
 class RunAnalysis(DocumentRouter):
@@ -237,8 +240,29 @@ class RunAnalysis(DocumentRouter):
         return items
 
     def _analyze(self, route, items):
+        """Analyse a batch; with a ``frame_time_limit``, in chunks, the budget of the batch
+        (limit × frames) checked before each chunk and handed to the analysis as
+        ``route.budget`` to check between frames itself (callbacks/budget.py)."""
         if not items:
             return
+        limit = self.config.get("frame_time_limit")
+        if not limit:
+            self._analyze_chunk(route, items)
+            return
+        budget = route.budget = TimeBudget(limit, len(items))
+        try:
+            for chunk in chunks(items, CHUNK):
+                if budget.done and budget.exceeded():
+                    message = budget.batch_message()
+                    for item in items[budget.done:]:
+                        self._record_error(item.point, route.key, message)
+                    break
+                self._analyze_chunk(route, chunk)
+                budget.done += len(chunk)
+        finally:
+            route.budget = None
+
+    def _analyze_chunk(self, route, items):
         results, errors = route.analysis.analyze(route, items)
         self.counts[route.analysis.name] += len(items) - len(errors)
         for point, message in errors:

@@ -67,16 +67,23 @@ class XRDMLCallback(RunRouter):
         patterns go to the 1D analyses (ROI, PQ-Net) instead of the Bragg-peak analysis.
         A ``*poni`` entry in a detector's configuration does the same. ``integration=``
         takes a ``PowderIntegration`` to set the 2θ grid (``npt``, ``radial_range``).
+    frame_time_limit : float or None
+        Seconds of analysis a frame may take (default 30). Checked between frames (Python
+        cannot stop a computation midway): the Bragg-peak analysis cuts off a frame whose
+        peak finding alone took longer, and once a batch has used the limit × its frames,
+        its remaining frames are not analysed. Each is recorded as an error saying so,
+        and the analysis run ends with ``exit_status="fail"``. None: no limit.
     """
 
     def __init__(self, analyses=None, *, rois=None, phases=None, models=None,
                  queue_size: int = 256, batch_size: int = 64, handler_registry=None,
                  root_map=None, external_timeout: float = 10.0, calibrations=None,
-                 integration=None):
+                 integration=None, frame_time_limit: float | None = 30.0):
         self.analyses = (resolve_analyses(analyses) if analyses is not None
                          else default_analyses(rois, phases, models))
         self.worker = Worker(maxsize=queue_size, batch_size=batch_size)
-        self.config = {"queue_size": queue_size, "batch_size": batch_size}
+        self.config = {"queue_size": queue_size, "batch_size": batch_size,
+                       "frame_time_limit": frame_time_limit}
         self.integration = integration or PowderIntegration(calibrations)
         if integration is not None and calibrations:
             self.integration.calibrations.update(calibrations)

@@ -24,6 +24,7 @@ import typer
 
 from ..models import attention as am
 from ..models import weights as weights_io
+from .progress import TrainingProgress
 
 W_MODE, W_RATE = 0.3, 0.3
 
@@ -161,8 +162,6 @@ def fit(net: am.AttentionNet, train: Dataset, norm: tuple[float, float], *, epoc
         batch: int = 64, lr: float = 2e-3, minutes: float | None = None, seed: int = 0,
         validation: Dataset | None = None, log=print, progress: bool = True) -> list[dict]:
     """Train ``net`` on ``train``; one history entry per epoch."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     x = torch.from_numpy(train.x)[:, None, :]
@@ -175,11 +174,8 @@ def fit(net: am.AttentionNet, train: Dataset, norm: tuple[float, float], *, epoc
     total = epochs * steps_per_epoch
     budget = None if minutes is None else 60.0 * minutes
     history, step, t0 = [], 0, time.monotonic()
-    cols = (TextColumn("[bold]attention"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn())
-    plain = not progress or not _is_terminal()
-    with Progress(*cols, disable=plain, transient=False) as bar:
-        task = bar.add_task("train", total=epochs, info="")
+    with TrainingProgress("attention", total=epochs, unit="epoch", log=log, enabled=progress,
+                          budget_s=budget) as bar:
         for epoch in range(epochs):
             net.train()
             perm = torch.randperm(n, generator=gen)
@@ -222,21 +218,13 @@ def fit(net: am.AttentionNet, train: Dataset, norm: tuple[float, float], *, epoc
             info = f"logcosh {entry['voltage_logcosh']:.4f}"
             if "val_voltage_mae_V" in entry:
                 info += f"  val MAE {entry['val_voltage_mae_V']:.4f} V"
-            bar.update(task, completed=epoch + 1, info=info)
-            if plain:
-                log(f"epoch {epoch + 1}/{epochs} ({entry['seconds']:.0f} s): {info}")
+            bar.update(epoch + 1, info=info)
             if done < steps_per_epoch or (budget is not None and time.monotonic() - t0 >= budget):
                 if budget is not None:
                     log(f"time budget of {minutes} min reached in epoch {epoch + 1}")
                 break
     net.eval()
     return history
-
-
-def _is_terminal() -> bool:
-    import sys
-
-    return sys.stderr.isatty() or sys.stdout.isatty()
 
 
 def plot_history(history: list[dict], path: Path, title: str) -> Path:

@@ -25,6 +25,7 @@ import torch
 from ..models import braggnn as bnn
 from ..models import weights as weights_io
 from .patches import KINDS, RECIPE, simulate_patches
+from .progress import TrainingProgress
 
 PATCH = bnn.PATCH
 PAPER = "Liu et al., BraggNN, IUCrJ 9, 104-113 (2022), doi:10.1107/S2052252521011258"
@@ -76,8 +77,6 @@ def train_ensemble(ensemble: bnn.BraggNNEnsemble, data, epochs: int, *, batch: i
     patches each epoch) or a fixed ``(patches, centres)``. ``val`` = ``(patches, centres)``
     is evaluated after each epoch. ``minutes`` caps the time (the learning-rate decay then
     follows the clock). Returns the history: one dict per epoch."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     rng = np.random.default_rng(seed)
     members = list(ensemble.members)
     for m in members:
@@ -88,10 +87,8 @@ def train_ensemble(ensemble: bnn.BraggNNEnsemble, data, epochs: int, *, batch: i
     t0 = time.perf_counter()
     step, total_steps = 0, None
     val_x = bnn.scale_patches(val[0]).contiguous(memory_format=torch.channels_last) if val else None
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn(
-            "{task.completed}/{task.total} epochs"), TimeElapsedColumn(),
-            disable=not progress) as bar:
-        task = bar.add_task("training BraggNN", total=epochs)
+    with TrainingProgress("BraggNN", total=epochs, unit="epoch", log=log, enabled=progress,
+                          budget_s=budget) as bar:
         for epoch in range(epochs):
             patches, centres = data(epoch) if callable(data) else data
             if augment:
@@ -122,6 +119,9 @@ def train_ensemble(ensemble: bnn.BraggNNEnsemble, data, epochs: int, *, batch: i
                 opt.step()
                 losses.append(mse_sum / len(members))
                 step += 1
+                if s + 1 < steps:  # a line now and then within long epochs
+                    bar.update(epoch + (s + 1) / steps,
+                               info=f"train rmse {np.sqrt(np.mean(losses)) * PATCH:.3f} px")
                 if budget and time.perf_counter() - t0 > budget:
                     break
             record = {"epoch": epoch + 1, "train_rmse_px": float(np.sqrt(np.mean(losses)) * PATCH),
@@ -137,12 +137,10 @@ def train_ensemble(ensemble: bnn.BraggNNEnsemble, data, epochs: int, *, batch: i
                               val_p75_px=float(np.percentile(err, 75)),
                               val_p95_px=float(np.percentile(err, 95)))
             history.append(record)
-            desc = f"epoch {epoch + 1}: train rmse {record['train_rmse_px']:.3f} px"
+            desc = f"train rmse {record['train_rmse_px']:.3f} px"
             if "val_p75_px" in record:
                 desc += f", val p75 {record['val_p75_px']:.3f} px"
-            bar.update(task, advance=1, description=desc)
-            if progress and not bar.console.is_terminal:  # a log file: plain lines
-                log(f"{desc} ({record['seconds']:.0f} s)")
+            bar.update(epoch + 1, info=desc, force=True)
             if budget and time.perf_counter() - t0 > budget:
                 log(f"time budget of {minutes} min reached after {epoch + 1} epochs")
                 break

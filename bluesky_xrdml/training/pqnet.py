@@ -24,6 +24,7 @@ import typer
 from ..models import pqnet as pq
 from ..models import weights as weights_io
 from ..simulation.powder import PowderSimulator, Ranges, Sample
+from .progress import TrainingProgress
 
 MIN_FRACTION = 0.05  # lattice/size targets count where the phase has at least this fraction
 METRIC_FRACTION = 0.1  # lattice/size metrics: phases with fraction >= this
@@ -100,10 +101,6 @@ def train_ensemble(ensemble: pq.PQNetEnsemble, sim: PowderSimulator, targets: pq
     tensors to append to every batch (e.g. augmented reference measurements). Progress:
     a rich bar on a terminal, else a log line per pool. Returns the history: one dict per
     pool pass (step, mse, nll, bce, seconds)."""
-    import sys
-
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     rng = np.random.default_rng(seed)
     members = list(ensemble.members)
     opts = [torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=1e-4) for m in members]
@@ -111,12 +108,9 @@ def train_ensemble(ensemble: pq.PQNetEnsemble, sim: PowderSimulator, targets: pq
         m.train()
     history, step, t0 = [], 0, time.monotonic()
     budget = None if minutes is None else 60.0 * minutes
-    terminal = progress and sys.stdout.isatty()
-    cols = (TextColumn("[bold]PQ-Net"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn())
     data, passes = None, 0
-    with Progress(*cols, disable=not terminal, transient=False) as bar:
-        task = bar.add_task("train", total=steps, info="")
+    with TrainingProgress("PQ-Net", total=steps, unit="step", log=log, enabled=progress,
+                          budget_s=budget) as bar:
         while step < steps:
             if data is None or passes >= reuse:
                 data, passes = _pool(sim, targets, ranges, pool, rng), 0
@@ -164,13 +158,7 @@ def train_ensemble(ensemble: pq.PQNetEnsemble, sim: PowderSimulator, targets: pq
             history.append({"step": step, "mse": acc[0], "nll": acc[1], "bce": acc[2],
                             "seconds": round(elapsed, 1)})
             info = f"mse {acc[0]:.4f} bce {acc[2]:.3f}"
-            bar.update(task, completed=min(step, steps), info=info)
-            if not terminal and progress:
-                left = (steps - step) * elapsed / max(step, 1)
-                if budget is not None:
-                    left = min(left, budget - elapsed)
-                log(f"PQ-Net step {step}/{steps}: {info}, {elapsed / 60:.1f} min, "
-                    f"~{max(left, 0) / 60:.1f} min left")
+            bar.update(step, info=info)
             if budget is not None and time.monotonic() - t0 >= budget:
                 log(f"time budget of {minutes} min reached at step {step}/{steps}")
                 break

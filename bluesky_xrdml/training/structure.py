@@ -22,6 +22,7 @@ import typer
 from ..models import structure as st
 from ..models import weights as weights_io
 from ..simulation import crystals as cr
+from .progress import TrainingProgress
 
 CS_MEMBERS = st._membership((1, 3, 16, 75, 143, 168, 195), 7)
 
@@ -162,16 +163,12 @@ def fit(net: st.StructureNet, batches, n_steps: int, *, lr: float = 2e-3,
     steps or ``minutes``; returns the history (step, loss, accuracy, seconds).
     ``monitor()``: a dict of held-out figures, added to the history every
     ``monitor_every`` steps."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     history, t0, budget = [], time.monotonic(), None if minutes is None else 60.0 * minutes
-    cols = (TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn())
     acc_loss, acc_right, acc_n = 0.0, 0, 0
     net.train()
-    with Progress(*cols, disable=not progress, transient=False) as bar:
-        task = bar.add_task("train", total=n_steps, info="")
+    with TrainingProgress(label, total=n_steps, unit="step", log=log, enabled=progress,
+                          budget_s=budget) as bar:
         for step, (x, chem, y) in enumerate(batches, start=1):
             elapsed = time.monotonic() - t0
             prog = step / n_steps if budget is None else max(step / n_steps, elapsed / budget)
@@ -196,9 +193,7 @@ def fit(net: st.StructureNet, batches, n_steps: int, *, lr: float = 2e-3,
                     net.train()
                     info += " " + " ".join(f"{k} {v:.3f}" for k, v in history[-1].items()
                                            if k.startswith("val_"))
-                bar.update(task, completed=min(step, n_steps), info=info)
-                if not progress:
-                    log(f"step {step}/{n_steps}: {info}, {history[-1]['seconds']:.0f} s")
+                bar.update(step, info=info)
                 acc_loss, acc_right, acc_n = 0.0, 0, 0
             if prog >= 1.0:
                 if step < n_steps:
@@ -466,13 +461,12 @@ def train_structure_command(
 ):
     """Train the structure classifier (crystal system / space group from pattern +
     composition) on simulated structures, or fine-tune it on your labelled runs."""
-    import sys
 
     from rich.console import Console
 
     console = Console(soft_wrap=True)
     torch.set_num_threads(threads)
-    progress = sys.stderr.isatty()
+    progress = True  # a bar on a terminal, plain lines to a file (training/progress.py)
     if from_runs:
         if not catalog_uri:
             console.print("[red]--from-runs needs --catalog URI (the Tiled server of the runs)"
