@@ -157,24 +157,84 @@ def test_worker_files_the_same_analysis_as_in_process(services, RE_pub, tiled_cl
                         beamline.y, -0.4, 0.4, 3))
     cb.wait(timeout=120)
     raw.join(timeout=120)
+    assert_same_analysis(client, uid, streams=("peaks", "patterns"), maps=True)
+
+
+def assert_same_analysis(client, uid, streams, maps=False):
+    """The worker's analysis run of ``uid`` equals the one filed in this process."""
     remote_run = worker_analysis(client, uid)
     local_run = next(r for r in catalog.analyses(client, uid)
                      if "source" not in r.metadata["start"]["xrdml"]["config"])
     stop = remote_run.metadata["stop"]
     assert stop["exit_status"] == "success", stop["reason"]
+    assert local_run.metadata["stop"]["exit_status"] == "success"
     assert stop["num_events"] == local_run.metadata["stop"]["num_events"]
-    for stream in ("peaks", "patterns"):
+    for stream in streams:
         a, b = catalog.table(local_run, stream), catalog.table(remote_run, stream)
         assert list(a.columns) == list(b.columns) and len(a) == len(b) > 0
         # BraggNN is float32 and batches differently in the two processes
         np.testing.assert_allclose(a.select_dtypes("number").to_numpy(float),
                                    b.select_dtypes("number").to_numpy(float),
                                    rtol=1e-6, atol=1e-3)
-    local_maps, remote_maps = catalog.maps(local_run), catalog.maps(remote_run)
-    assert set(local_maps.data_vars) == set(remote_maps.data_vars)
-    for name in local_maps.data_vars:
-        np.testing.assert_allclose(local_maps[name].values, remote_maps[name].values,
-                                   rtol=1e-6, atol=1e-3, equal_nan=True)
+    if maps:
+        local_maps, remote_maps = catalog.maps(local_run), catalog.maps(remote_run)
+        assert set(local_maps.data_vars) == set(remote_maps.data_vars)
+        for name in local_maps.data_vars:
+            np.testing.assert_allclose(local_maps[name].values, remote_maps[name].values,
+                                       rtol=1e-6, atol=1e-3, equal_nan=True)
+    return remote_run
+
+
+def scan_with_both(RE, pub, client, plan):
+    """Runs ``plan`` with the publisher and an in-process ``XRDMLCallback`` attached;
+    returns the raw run's uid and the names of the documents that went out."""
+    cb = XRDMLCallback()
+    cb.subscribe(catalog.analysis_writer(client))
+    names = []
+    for sub in (cb, pub, lambda name, doc: names.append(name)):
+        RE.subscribe(sub)
+    (uid,) = RE(plan)
+    assert cb.wait(timeout=120)
+    return uid, names
+
+
+def test_frames_in_hdf5_files_travel_as_datum_references(services, RE_pub, tiled_client,
+                                                         tmp_path):
+    """An AreaDetector-style detector (HDF5 file, resource + datum documents): only
+    references cross 0MQ, and the worker reads the frames from the shared filesystem."""
+    from bluesky_xrdml.devices import HDF5AreaDetector
+
+    RE, pub = RE_pub
+    beamline = sim_beamline(seed=7)
+    det = HDF5AreaDetector(name="area", rotation=beamline.rot, seed=7,
+                           directory=tmp_path / "frames")
+    sent = []
+    RE.subscribe(lambda name, doc: sent.append(len(remote.pack(doc))) if name == "event"
+                 else None)
+    uid, names = scan_with_both(RE, pub, tiled_client,
+                                xrd_map([det], beamline.x, -0.6, 0.6, 3, beamline.y, -0.4,
+                                        0.4, 2))
+    assert names.count("resource") == 1 and names.count("datum") == 6
+    assert max(sent) < 2000  # a datum id, not a 256x256 frame, in every event
+    run = assert_same_analysis(tiled_client, uid, streams=("peaks", "frames"), maps=True)
+    assert min(catalog.table(run, "frames")["n_peaks"]) > 5
+
+
+def test_frames_in_hdf5_files_travel_as_stream_datum_references(services, RE_pub,
+                                                                tiled_client, tmp_path):
+    """An ophyd-async-style detector (stream_resource + stream_datum, no frame in the
+    events) analysed by the worker from the file, as in this process."""
+    from bluesky_xrdml.devices.files import StreamHDF5Detector
+
+    RE, pub = RE_pub
+    sim = sim_beamline(seed=8).area.simulator
+    angles = iter([0.0, 0.7, 1.4, 2.1])
+    det = StreamHDF5Detector("sdet", lambda: sim.frame(next(angles)), sim.shape,
+                             tmp_path / "frames")
+    uid, names = scan_with_both(RE, pub, tiled_client, bp.count([det], num=4))
+    assert names.count("stream_resource") == 1 and names.count("stream_datum") == 4
+    run = assert_same_analysis(tiled_client, uid, streams=("peaks", "frames"))
+    assert list(catalog.table(run, "frames")["frame"]) == [1, 2, 3, 4]
 
 
 def test_malformed_messages_are_rejected_and_counted(services, RE_pub, tiled_client):
