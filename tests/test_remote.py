@@ -26,6 +26,7 @@ from bluesky_xrdml.devices import sim_beamline
 from bluesky_xrdml.plans import xrd_map
 
 SETTLE = 1.5  # s for a fresh 0MQ subscription to reach the proxy (slow joiner)
+ACQ = "/xrdml-acquisition-host/data"  # where detector files are on the acquisition side
 
 
 class Services:
@@ -33,6 +34,8 @@ class Services:
 
     def __init__(self, tmp: Path, uri: str, api_key: str):
         self.tmp, self.uri, self.api_key = tmp, uri, api_key
+        self.shared = tmp / "shared"  # ACQ as mounted on the worker's machine
+        self.shared.mkdir()
         self.port_in, self.port_out = _free_port(), _free_port()
         proxy = shutil.which("bluesky-0MQ-proxy", path=str(Path(sys.executable).parent))
         self.proxy_command = [proxy, "--in-address", f"127.0.0.1:{self.port_in}",
@@ -50,7 +53,8 @@ class Services:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TILED_API_KEY": self.api_key}
         self.worker = subprocess.Popen(
             [sys.executable, "-m", "bluesky_xrdml.cli", "worker", "--zmq",
-             f"127.0.0.1:{self.port_out}", "--catalog", self.uri, "--report-every", "5"],
+             f"127.0.0.1:{self.port_out}", "--catalog", self.uri, "--report-every", "5",
+             "--root-map", f"{ACQ}={self.shared}"],
             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
         self.wait_log("listening on", timeout=180)
         time.sleep(SETTLE)
@@ -185,14 +189,21 @@ def assert_same_analysis(client, uid, streams, maps=False):
     return remote_run
 
 
-def scan_with_both(RE, pub, client, plan):
-    """Runs ``plan`` with the publisher and an in-process ``XRDMLCallback`` attached;
-    returns the raw run's uid and the names of the documents that went out."""
-    cb = XRDMLCallback()
+def scan_with_both(RE, pub, client, plan, rewrite=None, root_map=None):
+    """Runs ``plan`` with the publisher and an in-process ``XRDMLCallback`` attached,
+    both fed the documents through ``rewrite(name, doc)`` if given; returns the raw
+    run's uid and the names of the documents that went out."""
+    cb = XRDMLCallback(root_map=root_map)
     cb.subscribe(catalog.analysis_writer(client))
     names = []
-    for sub in (cb, pub, lambda name, doc: names.append(name)):
-        RE.subscribe(sub)
+
+    def both(name, doc):
+        doc = rewrite(name, doc) if rewrite else doc
+        names.append(name)
+        cb(name, doc)
+        pub(name, doc)
+
+    RE.subscribe(both)
     (uid,) = RE(plan)
     assert cb.wait(timeout=120)
     return uid, names
@@ -221,20 +232,40 @@ def test_frames_in_hdf5_files_travel_as_datum_references(services, RE_pub, tiled
 
 
 def test_frames_in_hdf5_files_travel_as_stream_datum_references(services, RE_pub,
-                                                                tiled_client, tmp_path):
+                                                                tiled_client):
     """An ophyd-async-style detector (stream_resource + stream_datum, no frame in the
-    events) analysed by the worker from the file, as in this process."""
+    events) analysed by the worker from the file, as in this process. The detector's
+    URI names the folder as the acquisition host sees it; the worker was started with
+    ``--root-map ACQ=HERE`` for where that folder is mounted on its machine."""
     from bluesky_xrdml.devices.files import StreamHDF5Detector
 
     RE, pub = RE_pub
     sim = sim_beamline(seed=8).area.simulator
     angles = iter([0.0, 0.7, 1.4, 2.1])
     det = StreamHDF5Detector("sdet", lambda: sim.frame(next(angles)), sim.shape,
-                             tmp_path / "frames")
-    uid, names = scan_with_both(RE, pub, tiled_client, bp.count([det], num=4))
+                             services.shared / "frames")
+
+    def as_on_the_acquisition_host(name, doc):
+        if name == "stream_resource":
+            doc = {**doc, "uri": doc["uri"].replace(str(services.shared), ACQ)}
+            assert doc["uri"].startswith(f"file://localhost{ACQ}/frames/")
+        return doc
+
+    uid, names = scan_with_both(RE, pub, tiled_client, bp.count([det], num=4),
+                                rewrite=as_on_the_acquisition_host,
+                                root_map={ACQ: str(services.shared)})
     assert names.count("stream_resource") == 1 and names.count("stream_datum") == 4
     run = assert_same_analysis(tiled_client, uid, streams=("peaks", "frames"))
     assert list(catalog.table(run, "frames")["frame"]) == [1, 2, 3, 4]
+
+
+def test_a_root_map_to_a_missing_folder_is_refused(tmp_path):
+    result = CliRunner().invoke(app, ["worker", "--zmq", "127.0.0.1:1", "--catalog",
+                                      "http://127.0.0.1:1/api", "--root-map",
+                                      f"{ACQ}={tmp_path / 'not-mounted'}"])
+    assert result.exit_code == 2
+    assert "--root-map" in result.output and "where the acquisition side's folder" in \
+        result.output
 
 
 def test_malformed_messages_are_rejected_and_counted(services, RE_pub, tiled_client):
