@@ -148,7 +148,8 @@ class ExternalReader:
     handler_registry : dict, optional
         spec -> handler class, added to (and overriding) ``default_handlers()``.
     root_map : dict, optional
-        Resource ``root`` -> where those files are on this machine.
+        Resource ``root`` -> where those files are on this machine; also applied to
+        the path of a stream_resource's ``file:`` URI (the longest matching folder).
     timeout : float
         Seconds to keep retrying a read that fails as if the file were not written yet
         (missing, short, locked). A resource that timed out once is then tried only once
@@ -249,6 +250,26 @@ class ExternalReader:
                 pass
 
     # --- stream_resource / stream_datum ------------------------------------------------
+    def map_path(self, path: str) -> str:
+        """``path`` with its longest ``root_map`` folder replaced by where it is here."""
+        for old in sorted(self.root_map, key=len, reverse=True):
+            base = old.rstrip("/")
+            if path == base or path.startswith(base + "/"):
+                return self.root_map[old].rstrip("/") + path[len(base):]
+        return path
+
+    def mapped_stream_resource(self, resource: dict) -> dict:
+        """The stream_resource with its ``file:`` URI moved by ``root_map``."""
+        uri = resource.get("uri", "")
+        parsed = urlparse(uri)
+        if not self.root_map or parsed.scheme not in ("file", ""):
+            return resource
+        mapped = self.map_path(parsed.path)
+        if mapped == parsed.path:
+            return resource
+        return {**resource, "uri": f"file://{parsed.netloc}{mapped}" if parsed.scheme
+                else mapped}
+
     def read_stream_datum(self, datum: dict) -> tuple[str, range, np.ndarray]:
         """``(data key, seq_nums, arrays)`` of a stream_datum: one array per event."""
         resource = self.stream_resources.get(datum["stream_resource"])
@@ -262,6 +283,7 @@ class ExternalReader:
                 f"external data of type {mimetype!r} cannot be read (known: "
                 f"{', '.join(sorted(MIMETYPES))}); add a reader with "
                 "bluesky_xrdml.external.register_mimetype")
+        resource = self.mapped_stream_resource(resource)
         seqs = range(datum["seq_nums"]["start"], datum["seq_nums"]["stop"])
         mult = int((resource.get("parameters") or {}).get("multiplier", 1) or 1)
         start, stop = datum["indices"]["start"] * mult, datum["indices"]["stop"] * mult
@@ -283,7 +305,7 @@ class ExternalReader:
                     raise ExternalDataError(
                         f"could not read {where} ({type(err).__name__}: {err}) within "
                         f"{self.timeout:g} s; check that the file exists and is reachable "
-                        "from here (root_map=) and was flushed") from None
+                        "from here (root_map=; xrdml worker --root-map) and was flushed") from None
                 time.sleep(self.retry_interval)
             except Exception as err:
                 raise ExternalDataError(f"could not read {where}: {type(err).__name__}: "

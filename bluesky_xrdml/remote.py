@@ -267,11 +267,13 @@ class RemoteWorker:
 
     ``address``: the proxy's output (``HOST:PORT``); ``client``: a tiled client the
     analysis runs are filed in; ``callback``: an ``XRDMLCallback`` (default: every
-    analysis, shipped weights or ``models``). ``run()`` blocks until SIGTERM/SIGINT,
-    then closes the run in progress and waits until everything is filed.
+    analysis, shipped weights or ``models``, detector files found through ``root_map``
+    ``{folder on the acquisition side: where it is mounted here}``). ``run()`` blocks
+    until SIGTERM/SIGINT, then closes the run in progress and waits until everything is
+    filed.
     """
 
-    def __init__(self, address: str, client, *, callback=None, models=None,
+    def __init__(self, address: str, client, *, callback=None, models=None, root_map=None,
                  catalog_uri: str = "", report_every: float = 60.0, spool=None, log=None):
         from . import catalog
         from .callbacks import XRDMLCallback
@@ -279,7 +281,8 @@ class RemoteWorker:
 
         self.address = address
         self.device = select_device("auto")
-        self.cb = callback or XRDMLCallback(models=models)
+        self.cb = callback or XRDMLCallback(models=models, root_map=root_map)
+        self.root_map = dict(root_map or {})
         self.cb.config["source"] = f"0MQ {address}"
         self.cb.subscribe(catalog.analysis_writer(client, spool=spool), background=True)
         self._raw_of: dict[str, str] = {}
@@ -300,7 +303,9 @@ class RemoteWorker:
                            for a in self.cb.analyses for m in getattr(a, "models", []))
         return (f"xrdml worker: device {self.device}; models: {models or 'classical only'}; "
                 f"{self.model_throughput()}; listening on "
-                f"tcp://{self.address.split('://')[-1]}; filing to {self.catalog or 'Tiled'}")
+                f"tcp://{self.address.split('://')[-1]}; filing to {self.catalog or 'Tiled'}"
+                + "".join(f"; detector files under {old} read from {new}"
+                          for old, new in self.root_map.items()))
 
     def model_throughput(self, n: int = 2048) -> str:
         """BraggNN patches/s on this device, measured now (it also warms the device up)."""

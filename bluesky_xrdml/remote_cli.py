@@ -24,6 +24,19 @@ def _models(items: list[str]) -> dict:
     return models
 
 
+def _root_map(items: list[str]) -> dict:
+    """``--root-map ACQ=HERE`` options as ``{ACQ: HERE}``; HERE must exist."""
+    roots = {}
+    for item in items:
+        old, _, new = item.partition("=")
+        if not old or not new or not Path(new).is_dir():
+            console.print(f"[red]--root-map {item}: expected ACQ=HERE, HERE a folder on this "
+                          "machine (where the acquisition side's folder ACQ is mounted)[/red]")
+            raise typer.Exit(2)
+        roots[old] = new
+    return roots
+
+
 def worker(
     zmq: str = typer.Option(..., "--zmq", help="HOST:PORT of the 0MQ proxy's output "
                             "(bluesky-0MQ-proxy's --out-address)"),
@@ -33,6 +46,9 @@ def worker(
                                 help="Tiled API key (default: $TILED_API_KEY)"),
     model: list[str] = typer.Option([], "--model", help="NAME=PATH: your own weights for a "
                                     "model, e.g. braggnn=my.safetensors (repeatable)"),
+    root_map: list[str] = typer.Option([], "--root-map", help="ACQ=HERE: detector files "
+                                       "written under folder ACQ on the acquisition side "
+                                       "are read from HERE on this machine (repeatable)"),
     spool: Path = typer.Option(None, help="where analysis runs wait if the catalog fails "
                                "(default $XRDML_SPOOL or ./xrdml-spool)"),
     report_every: float = typer.Option(60.0, help="seconds between throughput reports"),
@@ -44,14 +60,15 @@ def worker(
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    models = _models(model)
+    models, roots = _models(model), _root_map(root_map)
     try:
         client = catalog.connect(catalog_uri, api_key=api_key)
     except catalog.CatalogError as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(2) from None
     try:
-        service = RemoteWorker(zmq, client, models=models, catalog_uri=catalog_uri,
+        service = RemoteWorker(zmq, client, models=models, root_map=roots,
+                               catalog_uri=catalog_uri,
                                spool=spool, report_every=report_every,
                                log=lambda msg: console.print(msg, highlight=False))
     except ValueError as err:

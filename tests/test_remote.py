@@ -26,6 +26,7 @@ from bluesky_xrdml.devices import sim_beamline
 from bluesky_xrdml.plans import xrd_map
 
 SETTLE = 1.5  # s for a fresh 0MQ subscription to reach the proxy (slow joiner)
+ACQ = "/xrdml-acquisition-host/data"  # where detector files are on the acquisition side
 
 
 class Services:
@@ -33,6 +34,8 @@ class Services:
 
     def __init__(self, tmp: Path, uri: str, api_key: str):
         self.tmp, self.uri, self.api_key = tmp, uri, api_key
+        self.shared = tmp / "shared"  # ACQ as mounted on the worker's machine
+        self.shared.mkdir()
         self.port_in, self.port_out = _free_port(), _free_port()
         proxy = shutil.which("bluesky-0MQ-proxy", path=str(Path(sys.executable).parent))
         self.proxy_command = [proxy, "--in-address", f"127.0.0.1:{self.port_in}",
@@ -50,7 +53,8 @@ class Services:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TILED_API_KEY": self.api_key}
         self.worker = subprocess.Popen(
             [sys.executable, "-m", "bluesky_xrdml.cli", "worker", "--zmq",
-             f"127.0.0.1:{self.port_out}", "--catalog", self.uri, "--report-every", "5"],
+             f"127.0.0.1:{self.port_out}", "--catalog", self.uri, "--report-every", "5",
+             "--root-map", f"{ACQ}={self.shared}"],
             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
         self.wait_log("listening on", timeout=180)
         time.sleep(SETTLE)
@@ -157,24 +161,111 @@ def test_worker_files_the_same_analysis_as_in_process(services, RE_pub, tiled_cl
                         beamline.y, -0.4, 0.4, 3))
     cb.wait(timeout=120)
     raw.join(timeout=120)
+    assert_same_analysis(client, uid, streams=("peaks", "patterns"), maps=True)
+
+
+def assert_same_analysis(client, uid, streams, maps=False):
+    """The worker's analysis run of ``uid`` equals the one filed in this process."""
     remote_run = worker_analysis(client, uid)
     local_run = next(r for r in catalog.analyses(client, uid)
                      if "source" not in r.metadata["start"]["xrdml"]["config"])
     stop = remote_run.metadata["stop"]
     assert stop["exit_status"] == "success", stop["reason"]
+    assert local_run.metadata["stop"]["exit_status"] == "success"
     assert stop["num_events"] == local_run.metadata["stop"]["num_events"]
-    for stream in ("peaks", "patterns"):
+    for stream in streams:
         a, b = catalog.table(local_run, stream), catalog.table(remote_run, stream)
         assert list(a.columns) == list(b.columns) and len(a) == len(b) > 0
         # BraggNN is float32 and batches differently in the two processes
         np.testing.assert_allclose(a.select_dtypes("number").to_numpy(float),
                                    b.select_dtypes("number").to_numpy(float),
                                    rtol=1e-6, atol=1e-3)
-    local_maps, remote_maps = catalog.maps(local_run), catalog.maps(remote_run)
-    assert set(local_maps.data_vars) == set(remote_maps.data_vars)
-    for name in local_maps.data_vars:
-        np.testing.assert_allclose(local_maps[name].values, remote_maps[name].values,
-                                   rtol=1e-6, atol=1e-3, equal_nan=True)
+    if maps:
+        local_maps, remote_maps = catalog.maps(local_run), catalog.maps(remote_run)
+        assert set(local_maps.data_vars) == set(remote_maps.data_vars)
+        for name in local_maps.data_vars:
+            np.testing.assert_allclose(local_maps[name].values, remote_maps[name].values,
+                                       rtol=1e-6, atol=1e-3, equal_nan=True)
+    return remote_run
+
+
+def scan_with_both(RE, pub, client, plan, rewrite=None, root_map=None):
+    """Runs ``plan`` with the publisher and an in-process ``XRDMLCallback`` attached,
+    both fed the documents through ``rewrite(name, doc)`` if given; returns the raw
+    run's uid and the names of the documents that went out."""
+    cb = XRDMLCallback(root_map=root_map)
+    cb.subscribe(catalog.analysis_writer(client))
+    names = []
+
+    def both(name, doc):
+        doc = rewrite(name, doc) if rewrite else doc
+        names.append(name)
+        cb(name, doc)
+        pub(name, doc)
+
+    RE.subscribe(both)
+    (uid,) = RE(plan)
+    assert cb.wait(timeout=120)
+    return uid, names
+
+
+def test_frames_in_hdf5_files_travel_as_datum_references(services, RE_pub, tiled_client,
+                                                         tmp_path):
+    """An AreaDetector-style detector (HDF5 file, resource + datum documents): only
+    references cross 0MQ, and the worker reads the frames from the shared filesystem."""
+    from bluesky_xrdml.devices import HDF5AreaDetector
+
+    RE, pub = RE_pub
+    beamline = sim_beamline(seed=7)
+    det = HDF5AreaDetector(name="area", rotation=beamline.rot, seed=7,
+                           directory=tmp_path / "frames")
+    sent = []
+    RE.subscribe(lambda name, doc: sent.append(len(remote.pack(doc))) if name == "event"
+                 else None)
+    uid, names = scan_with_both(RE, pub, tiled_client,
+                                xrd_map([det], beamline.x, -0.6, 0.6, 3, beamline.y, -0.4,
+                                        0.4, 2))
+    assert names.count("resource") == 1 and names.count("datum") == 6
+    assert max(sent) < 2000  # a datum id, not a 256x256 frame, in every event
+    run = assert_same_analysis(tiled_client, uid, streams=("peaks", "frames"), maps=True)
+    assert min(catalog.table(run, "frames")["n_peaks"]) > 5
+
+
+def test_frames_in_hdf5_files_travel_as_stream_datum_references(services, RE_pub,
+                                                                tiled_client):
+    """An ophyd-async-style detector (stream_resource + stream_datum, no frame in the
+    events) analysed by the worker from the file, as in this process. The detector's
+    URI names the folder as the acquisition host sees it; the worker was started with
+    ``--root-map ACQ=HERE`` for where that folder is mounted on its machine."""
+    from bluesky_xrdml.devices.files import StreamHDF5Detector
+
+    RE, pub = RE_pub
+    sim = sim_beamline(seed=8).area.simulator
+    angles = iter([0.0, 0.7, 1.4, 2.1])
+    det = StreamHDF5Detector("sdet", lambda: sim.frame(next(angles)), sim.shape,
+                             services.shared / "frames")
+
+    def as_on_the_acquisition_host(name, doc):
+        if name == "stream_resource":
+            doc = {**doc, "uri": doc["uri"].replace(str(services.shared), ACQ)}
+            assert doc["uri"].startswith(f"file://localhost{ACQ}/frames/")
+        return doc
+
+    uid, names = scan_with_both(RE, pub, tiled_client, bp.count([det], num=4),
+                                rewrite=as_on_the_acquisition_host,
+                                root_map={ACQ: str(services.shared)})
+    assert names.count("stream_resource") == 1 and names.count("stream_datum") == 4
+    run = assert_same_analysis(tiled_client, uid, streams=("peaks", "frames"))
+    assert list(catalog.table(run, "frames")["frame"]) == [1, 2, 3, 4]
+
+
+def test_a_root_map_to_a_missing_folder_is_refused(tmp_path):
+    result = CliRunner().invoke(app, ["worker", "--zmq", "127.0.0.1:1", "--catalog",
+                                      "http://127.0.0.1:1/api", "--root-map",
+                                      f"{ACQ}={tmp_path / 'not-mounted'}"])
+    assert result.exit_code == 2
+    assert "--root-map" in result.output and "where the acquisition side's folder" in \
+        result.output
 
 
 def test_malformed_messages_are_rejected_and_counted(services, RE_pub, tiled_client):
