@@ -123,3 +123,45 @@ def test_scattered_maps_read_back_from_tiled_with_position_coordinates(RE, beaml
     assert ds[ROI].dims == ("point",)
     assert np.allclose(ds["x"], [-0.5, 0.1, 0.6]) and np.allclose(ds["y"], [0.3, -0.7, 0.2])
     assert {"x", "y", "point"} <= set(ds.coords)
+
+
+def _fly_like(det, x, y, xs, ys, md=None):
+    """A hand-written plan, as fly scans often are: it moves and reads the sample stages,
+    but names no motors in its start document."""
+    import bluesky.plan_stubs as bps
+    import bluesky.preprocessors as bpp
+
+    @bpp.run_decorator(md=md or {})
+    def inner():
+        for xv, yv in zip(xs, ys):
+            yield from bps.mv(x, xv, y, yv)
+            yield from bps.trigger_and_read([det, x, y])
+
+    return (yield from inner())
+
+
+def test_plans_that_name_no_motors_map_at_the_positions_their_events_carry(
+        RE, beamline, collector):
+    b = beamline
+    xs, ys = [-0.5, 0.1, 0.6, 0.0], [0.3, -0.7, 0.2, 0.5]
+
+    def maps_of(md=None, **kwargs):
+        collector.clear()
+        cb = XRDMLCallback(analyses=["roi"], **kwargs)
+        cb.subscribe(collector, background=False)
+        token = RE.subscribe(cb)
+        RE(_fly_like(b.powder, b.x, b.y, xs, ys, md))
+        RE.unsubscribe(token)
+        assert cb.wait(timeout=120)
+        (stop,) = collector.of("stop")
+        assert stop["exit_status"] == "success", stop["reason"]
+        return collector.stream("maps")
+
+    assert maps_of() == []  # no motors known: points only, nothing to map
+    # positions= names the keys of the positions: maps per point at those positions
+    (maps,) = maps_of(positions=["x", "y"])
+    assert np.allclose(maps["x"], xs) and np.allclose(maps["y"], ys)
+    assert np.allclose(maps["point"], [1, 2, 3, 4])
+    # bluesky's hints["dimensions"] say the same without the argument
+    (maps,) = maps_of({"hints": {"dimensions": [(["x"], "primary"), (["y"], "primary")]}})
+    assert np.allclose(maps["x"], xs) and np.allclose(maps["y"], ys)

@@ -32,8 +32,16 @@ class Geometry:
     snaking: tuple = ()  # per grid axis: True when it runs backwards on odd passes
 
     @classmethod
-    def from_start(cls, start: dict) -> Geometry:
+    def from_start(cls, start: dict, positions=None) -> Geometry:
+        """From the plan's ``motors``, ``shape`` and ``snaking``. A plan that names no
+        motors (a fly scan, a hand-written plan) takes ``positions`` (data keys of the
+        positions its events carry, ``XRDMLCallback(positions=...)``), else the fields of
+        its ``hints["dimensions"]`` in the primary stream (bluesky's convention for the
+        independent axes; ``time`` is not a position)."""
         shape, motors = tuple(start.get("shape") or ()), tuple(start.get("motors") or ())
+        if not motors:
+            motors = tuple(positions or ()) or _dimension_fields(start)
+            shape = shape if len(shape) == len(motors) else ()
         snaking = tuple(start.get("snaking") or ())
         if len(shape) == 2 and len(motors) == 2:
             kind = "xrdct" if start.get("xrdml_scan") == "xrdct" else "map"
@@ -41,6 +49,18 @@ class Geometry:
         if len(motors) >= 2:
             return cls("scatter", shape, motors)
         return cls("points", shape, motors)
+
+
+def _dimension_fields(start: dict) -> tuple:
+    fields = []
+    for dim in (start.get("hints") or {}).get("dimensions") or []:
+        try:
+            names, stream = dim
+        except (TypeError, ValueError):
+            continue
+        if stream == "primary":
+            fields += [f for f in names if f != "time"]
+    return tuple(fields)
 
 
 @dataclass(eq=False)

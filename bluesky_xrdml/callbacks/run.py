@@ -35,7 +35,7 @@ class RunAnalysis(DocumentRouter):
         self.worker = worker
         self._emit_out = emit
         self.config = config
-        self.geometry = Geometry.from_start(start)
+        self.geometry = Geometry.from_start(start, config.get("positions"))
         self.motors = list(self.geometry.motors)
         # worker-side state
         self.bundle = None  # event_model ComposeRunBundle of the analysis run

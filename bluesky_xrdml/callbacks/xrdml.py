@@ -73,17 +73,25 @@ class XRDMLCallback(RunRouter):
         peak finding alone took longer, and once a batch has used the limit × its frames,
         its remaining frames are not analysed. Each is recorded as an error saying so,
         and the analysis run ends with ``exit_status="fail"``. None: no limit.
+    positions : list of str, optional
+        For plans that name no ``motors`` in their start document (fly scans, your own
+        plans): the data keys of the sample positions the events carry, e.g.
+        ``["sample_x", "sample_y"]``. Maps are then made per point at those positions
+        (two or more keys). Without it, the fields of the start's
+        ``hints["dimensions"]`` are used where the plan set them.
     """
 
     def __init__(self, analyses=None, *, rois=None, phases=None, models=None,
                  queue_size: int = 256, batch_size: int = 64, handler_registry=None,
                  root_map=None, external_timeout: float = 10.0, calibrations=None,
-                 integration=None, frame_time_limit: float | None = 30.0):
+                 integration=None, frame_time_limit: float | None = 30.0,
+                 positions=None):
         self.analyses = (resolve_analyses(analyses) if analyses is not None
                          else default_analyses(rois, phases, models))
         self.worker = Worker(maxsize=queue_size, batch_size=batch_size)
         self.config = {"queue_size": queue_size, "batch_size": batch_size,
-                       "frame_time_limit": frame_time_limit}
+                       "frame_time_limit": frame_time_limit,
+                       "positions": tuple(positions or ())}
         self.integration = integration or PowderIntegration(calibrations)
         if integration is not None and calibrations:
             self.integration.calibrations.update(calibrations)
