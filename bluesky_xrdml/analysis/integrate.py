@@ -11,7 +11,7 @@ product. The results are pyFAI's own ``integrate1d(..., error_model="poisson")``
 (same table, same weighted mean Σw·I/Σw·P and Poisson σ = √Σw²·max(I, 1)/Σw·P; tested
 against it). Masked: the detector's own mask (module gaps of a Pilatus) and a user mask,
 both built into the look-up table once, and per frame every pixel reading -1 or -2 (how
-detectors mark dead and gap pixels; pyFAI's ``dummy=-1.5, delta_dummy=0.6``).
+detectors mark dead and gap pixels; pyFAI's ``dummy=-1.5, delta_dummy=0.6``) or NaN.
 Methods other than a CSR table on the CPU (e.g. pyFAI's OpenCL) go through pyFAI's
 ``integrate1d`` unchanged.
 """
@@ -209,8 +209,11 @@ class _Table:
         x = np.ascontiguousarray(frame, np.float32).ravel()
         norm = self.norm
         variance = np.maximum(x, np.float32(1))  # pyFAI's Poisson model: max(1, I)
-        if frame.dtype.kind != "u" and x.min() <= DUMMY + DELTA_DUMMY:
+        kind = frame.dtype.kind  # unsigned counts cannot read -1; floats may be NaN
+        if kind == "f" or (kind == "i" and x.min() <= DUMMY + DELTA_DUMMY):
             dead = np.abs(x - DUMMY) <= DELTA_DUMMY
+            if kind == "f":
+                dead |= ~np.isfinite(x)  # as pyFAI: left out, not averaged in
             if dead.any():
                 x = np.where(dead, np.float32(0), x)
                 variance[dead] = 0
