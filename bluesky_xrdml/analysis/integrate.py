@@ -204,6 +204,7 @@ class _Table:
             ai.polarization(shape, polarization), np.float32).ravel())
         self.norm = self.weights @ (np.ones(size, np.float32) if self.pixel_norm is None
                                     else self.pixel_norm)
+        self.used = np.diff(self.weights.indptr) > 0  # pixels in the table (not masked)
 
     def apply(self, frame) -> tuple[np.ndarray, np.ndarray]:
         """(intensity, sigma) of one frame, as pyFAI's ``integrate1d`` gives them."""
@@ -215,12 +216,14 @@ class _Table:
             dead = np.abs(x - DUMMY) <= DELTA_DUMMY
             if kind == "f":
                 dead |= ~np.isfinite(x)  # as pyFAI: left out, not averaged in
-            if dead.any():
+            dead &= self.used  # a masked pixel is not in the table whatever it reads
+            idx = np.flatnonzero(dead)
+            if idx.size:  # left out of the sums: their counts and their share of the norm
                 x = np.where(dead, np.float32(0), x)
-                variance[dead] = 0
-                alive = (~dead).astype(np.float32)
-                norm = self.weights @ (alive if self.pixel_norm is None
-                                       else alive * self.pixel_norm)
+                variance[idx] = 0
+                share = (np.ones(idx.size, np.float32) if self.pixel_norm is None
+                         else self.pixel_norm[idx])
+                norm = np.maximum(norm - self.weights[:, idx] @ share, 0)
         signal = self.weights @ x
         var = self.weights2 @ variance
         seen = norm > 0
