@@ -142,7 +142,7 @@ def test_a_map_of_ring_frames_gives_the_pqnet_maps_of_its_patterns(RE, collector
 @pytest.mark.parametrize("polarization", [None, 0.95])
 def test_the_fast_path_gives_pyfais_own_integrate1d(split, polarization):
     """Our product with pyFAI's look-up table is pyFAI's integrate1d (Poisson σ, masks,
-    dead pixels, polarisation, a radial range), at a fraction of its cost per frame."""
+    dead pixels, NaN pixels, polarisation, a radial range), at a fraction of its cost."""
     from bluesky_xrdml.analysis.integrate import load_integrator, ring_frame
 
     shape = (120, 150)
@@ -156,13 +156,15 @@ def test_the_fast_path_gives_pyfais_own_integrate1d(split, polarization):
     frame[5:9, :] = -1  # a module gap
     frame[50, 50] = -2  # a dead pixel
     frame[60:62, 3] = 0  # zero counts: Poisson variance max(1, I)
+    as_float = frame.astype(np.float32)
+    as_float[70, 20:30] = np.nan  # a float frame's bad pixels
     mask = np.zeros(shape, bool)
     mask[:, 100:104] = True
     method = (split, "csr", "cython")
-    for radial_range in (None, (3.0, 9.0)):
+    for radial_range, data in ((None, frame), ((3.0, 9.0), frame), ((3.0, 9.0), as_float)):
         ours = PowderIntegrator(ai, npt=200, radial_range=radial_range, mask=mask,
-                                polarization=polarization, method=method).integrate(frame)
-        ref = ai.integrate1d(frame, 200, unit="2th_deg", radial_range=radial_range,
+                                polarization=polarization, method=method).integrate(data)
+        ref = ai.integrate1d(data, 200, unit="2th_deg", radial_range=radial_range,
                              method=method, error_model="poisson", dummy=-1.5,
                              delta_dummy=0.6, mask=mask, polarization_factor=polarization,
                              correctSolidAngle=False)

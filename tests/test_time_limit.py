@@ -101,3 +101,23 @@ def test_a_slow_batch_has_its_remaining_frames_recorded_not_analysed(collector):
     assert "exceeded 0.001 s per frame" in errors[0]["error"]
     assert "16 of the 40 frames" in errors[0]["error"]
     assert "24 error(s)" in stop["reason"] and "Analysed: 16 slow-sums" in stop["reason"]
+
+
+def test_rings_sent_to_the_bragg_peak_analysis_are_refused_with_what_to_do(RE, collector):
+    """The real CeO2 calibrant frame without its PONI: thousands of candidate peaks along
+    the rings. Refused in about a second, not centred for minutes."""
+    import fabio
+    from conftest import shared_data
+
+    frame = fabio.open(shared_data("ceo2_pilatus1m", "CeO2_Pilatus1M.tif")).data
+    det = ArraySignal(name="pilatus_image", shape=frame.shape, dtype="<i4", value=frame)
+    cb = XRDMLCallback(analyses=[BraggPeaks(method="centroid")])
+    cb.subscribe(collector)
+    RE.subscribe(cb)
+    RE(bp.count([det], num=1))
+    assert cb.wait(timeout=120)
+    (stop,) = collector.of("stop")
+    assert stop["exit_status"] == "fail"
+    (error,) = collector.stream("errors")
+    assert "candidate peaks" in error["error"] and "powder rings" in error["error"]
+    assert "calibrations={key: 'file.poni'}" in error["error"]

@@ -11,7 +11,7 @@ product. The results are pyFAI's own ``integrate1d(..., error_model="poisson")``
 (same table, same weighted mean Σw·I/Σw·P and Poisson σ = √Σw²·max(I, 1)/Σw·P; tested
 against it). Masked: the detector's own mask (module gaps of a Pilatus) and a user mask,
 both built into the look-up table once, and per frame every pixel reading -1 or -2 (how
-detectors mark dead and gap pixels; pyFAI's ``dummy=-1.5, delta_dummy=0.6``).
+detectors mark dead and gap pixels; pyFAI's ``dummy=-1.5, delta_dummy=0.6``) or NaN.
 Methods other than a CSR table on the CPU (e.g. pyFAI's OpenCL) go through pyFAI's
 ``integrate1d`` unchanged.
 """
@@ -193,30 +193,37 @@ class _Table:
         self.weights = scipy.sparse.csr_matrix((data, indices, indptr),
                                                shape=(len(indptr) - 1, size)).tocsc()
         # Σw²·var: the same table squared (without splitting every weight is 1)
-        if np.all(self.weights.data == 1):
-            self.weights2 = self.weights
-        else:
-            self.weights2 = self.weights.copy()
-            self.weights2.data **= 2
+        w = self.weights
+        if np.all(w.data == 1):
+            self.weights2 = w
+        else:  # sharing the index arrays (~50 MB for a 2048² frame)
+            self.weights2 = scipy.sparse.csc_matrix((w.data ** 2, w.indices, w.indptr),
+                                                    shape=w.shape, copy=False)
         self.two_theta = np.asarray(engine.bin_centers, float) * unit.scale
         self.pixel_norm = (None if polarization is None else np.ascontiguousarray(
             ai.polarization(shape, polarization), np.float32).ravel())
         self.norm = self.weights @ (np.ones(size, np.float32) if self.pixel_norm is None
                                     else self.pixel_norm)
+        self.used = np.diff(self.weights.indptr) > 0  # pixels in the table (not masked)
 
     def apply(self, frame) -> tuple[np.ndarray, np.ndarray]:
         """(intensity, sigma) of one frame, as pyFAI's ``integrate1d`` gives them."""
         x = np.ascontiguousarray(frame, np.float32).ravel()
         norm = self.norm
         variance = np.maximum(x, np.float32(1))  # pyFAI's Poisson model: max(1, I)
-        if frame.dtype.kind != "u" and x.min() <= DUMMY + DELTA_DUMMY:
+        kind = frame.dtype.kind  # unsigned counts cannot read -1; floats may be NaN
+        if kind == "f" or (kind == "i" and x.min() <= DUMMY + DELTA_DUMMY):
             dead = np.abs(x - DUMMY) <= DELTA_DUMMY
-            if dead.any():
+            if kind == "f":
+                dead |= ~np.isfinite(x)  # as pyFAI: left out, not averaged in
+            dead &= self.used  # a masked pixel is not in the table whatever it reads
+            idx = np.flatnonzero(dead)
+            if idx.size:  # left out of the sums: their counts and their share of the norm
                 x = np.where(dead, np.float32(0), x)
-                variance[dead] = 0
-                alive = (~dead).astype(np.float32)
-                norm = self.weights @ (alive if self.pixel_norm is None
-                                       else alive * self.pixel_norm)
+                variance[idx] = 0
+                share = (np.ones(idx.size, np.float32) if self.pixel_norm is None
+                         else self.pixel_norm[idx])
+                norm = np.maximum(norm - self.weights[:, idx] @ share, 0)
         signal = self.weights @ x
         var = self.weights2 @ variance
         seen = norm > 0
