@@ -80,6 +80,7 @@ class Route:
     upstream: object = None  # the integration route whose patterns feed this one
     geometry: Geometry | None = None  # of the run, known from its start document
     budget: object = None  # TimeBudget of the batch in hand (callbacks/budget.py)
+    start: dict | None = None  # the raw run's start document (its metadata: sample, ...)
 
     def stream(self, base: str) -> str:
         return layout.stream_name(base, self.key, self.first)

@@ -140,7 +140,7 @@ class RunAnalysis(DocumentRouter):
                                      not in taken, external=reference == "STREAM",
                                      context=context, reference=reference,
                                      shape=array_shape(data_key),
-                                     geometry=self.geometry)
+                                     geometry=self.geometry, start=self.raw_start)
                     taken.add(self.integration.name)
                     routes.append(upstream)
                     matched = True
@@ -156,7 +156,7 @@ class RunAnalysis(DocumentRouter):
                                   external=reference == "STREAM" and upstream is None,
                                   context=context, reference=reference,
                                   shape=array_shape(data_key), upstream=upstream,
-                                  geometry=self.geometry)
+                                  geometry=self.geometry, start=self.raw_start)
                     taken.add(analysis.name)
                     routes.append(route)
                     matched = True

@@ -24,7 +24,6 @@ probabilities.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 from pathlib import Path
@@ -91,27 +90,6 @@ def _formula(comp) -> str:
     if isinstance(comp, str):
         return comp
     return " ".join(f"{el}{amount:.3g}" for el, amount in comp.items())
-
-
-def _raw_start_of_caller() -> dict:
-    """The raw run's start document, from the ``RunAnalysis`` that calls ``match``.
-
-    The analysis interface hands ``match`` only the descriptor; the run's start
-    document is held by its caller. Looked up here, at descriptor time, so that
-    ``start["sample"]["composition"]`` can be used; {} when it cannot be found."""
-    frame = inspect.currentframe()
-    try:
-        f = frame.f_back if frame is not None else None
-        for _ in range(6):
-            if f is None:
-                break
-            start = getattr(f.f_locals.get("self"), "raw_start", None)
-            if isinstance(start, dict):
-                return start
-            f = f.f_back
-    finally:
-        del frame
-    return {}
 
 
 class StructureClassification:
@@ -195,9 +173,6 @@ class StructureClassification:
         shared = self._by_descriptor[uid] = {"compositions": {}, "pending": [], "routes": []}
         if self.composition is not None:
             shared["default"] = self.composition
-        else:
-            sample = _raw_start_of_caller().get("sample")
-            shared["default"] = sample.get("composition") if isinstance(sample, dict) else None
         return shared
 
     def streams(self, route: Route, motors) -> dict:
@@ -253,7 +228,10 @@ class StructureClassification:
             comp = shared["compositions"].pop(point, None)
             if comp:
                 return comp
-        return shared.get("default")
+        if "default" in shared:
+            return shared["default"]
+        sample = (route.start or {}).get("sample")  # the raw run's start document
+        return sample.get("composition") if isinstance(sample, dict) else None
 
     def _classify(self, route: Route, items: list[Item]):
         tt = route.context["two_theta"]
