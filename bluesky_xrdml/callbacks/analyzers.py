@@ -27,11 +27,13 @@ class BraggPeaks:
     """2D frames -> a peak table: threshold, components, 11×11 patches, then centres.
 
     ``method="braggnn"`` (default): the BraggNN ensemble (shipped weights, or ``weights=``
-    a path to your own), batched over all the frames the worker hands over at once; peaks
-    sharing a patch are centred by a multi-peak fit and peaks the ensemble disagrees on by
-    a single-peak fit. If the weights cannot be loaded, the classical centroid is used and
-    the reason is logged and recorded in the config. ``method="centroid"`` or
-    ``"pseudo-voigt"`` selects a classical estimator.
+    a path to your own), batched over all the frames the worker hands over at once. It
+    centres neighbours and doublets itself (it was trained on them); peaks whose predicted
+    σ exceeds the model's ``uncertain_px`` are flagged ``uncertain`` in the peak table
+    (``analysis.peaks.centre_peaks`` re-fits them, and multi-peak patches, only when asked).
+    If the weights cannot be loaded, the classical centroid is used and the reason is
+    logged and recorded in the config. ``method="centroid"`` or ``"pseudo-voigt"`` selects
+    a classical estimator (``"pseudo-voigt"`` fits multi-peak patches jointly).
 
     A frame with more than ``max_peaks`` candidates (powder rings: a calibrant frame gives
     thousands) is recorded as an error instead of being centred for minutes: give such a
