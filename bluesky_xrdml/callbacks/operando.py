@@ -14,7 +14,7 @@ Per pattern, stream ``operando``: ``voltage``, ``voltage_std`` (V), ``p_charge``
 ``p_discharge``, ``p_rate_<label>`` per C-rate of the model (``1C``, ``0p2C``), the
 predicted ``mode`` and ``rate`` (labels), the 256-value ``vaw`` and its ``vaw_two_theta``
 (degrees at the pattern's wavelength). The measured voltage and cell time are read from the
-same events (they are routed here too and count as analysed items) and, at the stop, two
+same events (they are routed here too, and are not counted as analysed items) and, at the stop, two
 PNGs land in ``figures``: predicted vs measured voltage over time with mode/rate
 probabilities, and the patterns as an image (time × 2θ) with the VAW beside it.
 """
@@ -149,7 +149,7 @@ class OperandoAttention:
         if key not in patterns:
             if key in (voltage, self._scalar(descriptor, self.time_key)):
                 kind = "voltage" if key == voltage else "time"
-                return {"companion": kind, "descriptor": descriptor["uid"]}
+                return {"companion": kind, "descriptor": descriptor["uid"], "auxiliary": True}
             return None
         if self.model is None:
             return self.error

@@ -66,7 +66,9 @@ def _dimension_fields(start: dict) -> tuple:
 @dataclass(eq=False)
 class Route:
     """A raw data key bound to an analysis, with what the analysis learned from the
-    descriptor (``context``) and what it accumulates over the run (``acc``)."""
+    descriptor (``context``) and what it accumulates over the run (``acc``). A context
+    with ``"auxiliary": True`` marks readings that only support another key's analysis
+    (a cell's voltage, a sample's composition): not counted as analysed items."""
 
     key: str
     analysis: object

@@ -264,7 +264,8 @@ class RunAnalysis(DocumentRouter):
 
     def _analyze_chunk(self, route, items):
         results, errors = route.analysis.analyze(route, items)
-        self.counts[route.analysis.name] += len(items) - len(errors)
+        if not route.context.get("auxiliary"):  # readings that only support another key's
+            self.counts[route.analysis.name] += len(items) - len(errors)
         for point, message in errors:
             self._record_error(point, route.key, message)
         for stream, rows in results.items():

@@ -145,7 +145,7 @@ class StructureClassification:
             elements = self.elements
             if elements is None:
                 elements = config_value(descriptor, data_key.get("object_name"), "elements")
-            return {"role": "composition", "shared": shared,
+            return {"role": "composition", "shared": shared, "auxiliary": True,
                     "elements": list(elements) if elements is not None else None}
         axis = pattern_axis(data_key, descriptor, self.two_theta, self.wavelength)
         if not isinstance(axis, tuple):
