@@ -75,6 +75,28 @@ class BackgroundSink:
         return drained
 
 
+# the analysis uses the CPU the acquisition leaves idle: its thread, and the threads its
+# numerical libraries start from it (OpenMP/BLAS teams inherit it), run at this niceness
+WORKER_NICENESS = 10
+
+
+def _yield_to_acquisition() -> None:
+    """Lower the calling thread's scheduling priority (Linux: per thread) so that the
+    RunEngine's thread gets a core at once when a detector's exposure ends. Without it,
+    torch's intra-op threads fill both cores of a 2-core machine and the scan waits for
+    them (long_scan: 1.14-1.20× the scan time for powder patterns; 1.03× with them niced)."""
+    import os
+
+    if not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+        return
+    try:
+        tid = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, max(current, WORKER_NICENESS))
+    except OSError:  # not permitted here: the analysis runs at the process's priority
+        pass
+
+
 def _join(q: queue.Queue, timeout: float | None) -> bool:
     if timeout is None:
         q.join()
@@ -141,6 +163,7 @@ class Worker:
         return items
 
     def _loop(self) -> None:
+        _yield_to_acquisition()
         while True:
             items = self._take()
             i = 0
