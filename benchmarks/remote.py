@@ -6,7 +6,8 @@
    through a running ``bluesky-0MQ-proxy``; ``--repeats`` rounds, arms in alternating
    order, each trial a fresh RunEngine after the same pause and ``gc.collect()``
    (target: <= 3 % wall slowdown). Wall times swing on a loaded machine, so it also
-   prints the slowdown round by round (median and quartiles), the CPU time of the
+   prints the slowdown round by round (median and quartiles), the wall time less the
+   RunEngine thread's waits for a CPU (what other processes' load adds), the CPU time of the
    RunEngine's thread (from the scheduler's counters) and of the process, the CPU time
    the RunEngine's thread spent inside the publisher, the proxy's CPU time and the load
    average. ``overhead-with-worker``: the same with an ``xrdml worker`` analysing on the
@@ -74,12 +75,14 @@ def start_worker(tmp: Path, uri: str, port_out: int):
     return worker, log
 
 
-def _cpu_seconds(pid: int | str = "self", tid: int | None = None) -> float | None:
+def _cpu_seconds(pid: int | str = "self", tid: int | None = None,
+                 field: int = 0) -> float | None:
     """CPU time of one thread (``tid``) or of all threads of a process, in seconds, from
-    the scheduler's nanosecond counters (Linux); None where there are none."""
+    the scheduler's nanosecond counters (Linux; ``field=1``: time spent runnable but
+    waiting for a CPU); None where there are none."""
     tasks = [tid] if tid is not None else os.listdir(f"/proc/{pid}/task")
     try:
-        return sum(int(open(f"/proc/{pid}/task/{t}/schedstat").read().split()[0])
+        return sum(int(open(f"/proc/{pid}/task/{t}/schedstat").read().split()[field])
                    for t in tasks) / 1e9
     except (OSError, ValueError):
         return None
@@ -127,11 +130,16 @@ def scan_overhead(port_in: int, proxy_pid: int, repeats: int, where: str) -> Non
         tid = RE._th.native_id  # the RunEngine's event-loop thread: plans and callbacks
         t0, c0 = time.perf_counter(), time.process_time()
         r0, x0 = _cpu_seconds(tid=tid), _cpu_seconds(proxy_pid)
+        w0 = _cpu_seconds(tid=tid, field=1)
         (uid,) = RE(xrd_map([bl.powder], bl.x, -1, 1, 25, bl.y, -1, 1, 20))
         out = {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
         r1, x1 = _cpu_seconds(tid=tid), _cpu_seconds(proxy_pid)
-        if None not in (r0, r1, x0, x1):
+        w1 = _cpu_seconds(tid=tid, field=1)
+        if None not in (r0, r1, x0, x1, w0, w1):
             out["re_cpu"], out["proxy_cpu"] = r1 - r0, x1 - x0
+            # the wall time less the time the RunEngine's thread was ready to run but
+            # another task had the CPU: what other people's load adds, taken out
+            out["unqueued"] = out["wall"] - (w1 - w0)
         if pub:
             out["inside"] = getattr(pub, "inside", None)
             pub.close()
@@ -157,20 +165,23 @@ def scan_overhead(port_in: int, proxy_pid: int, repeats: int, where: str) -> Non
         return statistics.median(values) if values else float("nan")
 
     bare = runs["nothing attached"]
-    b, bc, br = (med("nothing attached", k) for k in ("wall", "cpu", "re_cpu"))
+    b, bc, br, bu = (med("nothing attached", k)
+                     for k in ("wall", "cpu", "re_cpu", "unqueued"))
     print(f"{where}: 500-point scan (25x20 map, 2048-bin patterns), {repeats} rounds "
           f"of each arm in alternating order; {load0} before", flush=True)
     print(f"  nothing attached: wall {b:.3f} s (median; min {min(r['wall'] for r in bare):.3f}"
-          f" s), CPU of the process {bc:.3f} s, of the RunEngine's thread {br:.3f} s")
+          f" s), less the RunEngine thread's waits for a CPU {bu:.3f} s; CPU of the process "
+          f"{bc:.3f} s, of the RunEngine's thread {br:.3f} s")
     for name in names[1:]:
         ratios = sorted(p["wall"] / q["wall"] for p, q in zip(runs[name], bare))
         q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
-        p, pc, pr = (med(name, k) for k in ("wall", "cpu", "re_cpu"))
+        p, pc, pr, pu = (med(name, k) for k in ("wall", "cpu", "re_cpu", "unqueued"))
         mins = min(r["wall"] for r in runs[name]) / min(r["wall"] for r in bare)
         print(f"  {name}: wall {p:.3f} s = {100 * (p / b - 1):+.1f} % (target <= 3 %); "
               f"round by round {100 * (statistics.median(ratios) - 1):+.1f} % (quartiles "
               f"{100 * (q1 - 1):+.1f} .. {100 * (q3 - 1):+.1f} %); min vs min "
-              f"{100 * (mins - 1):+.1f} %; CPU of the RunEngine's thread {pr:.3f} s = "
+              f"{100 * (mins - 1):+.1f} %; wall less the waits for a CPU {pu:.3f} s = "
+              f"{100 * (pu / bu - 1):+.1f} %; CPU of the RunEngine's thread {pr:.3f} s = "
               f"{100 * (pr / br - 1):+.1f} %, "
               f"of the process (with 0MQ's I/O thread) {pc:.3f} s = {100 * (pc / bc - 1):+.1f} "
               f"%; inside the publisher {1e3 * inside[name]:.1f} ms CPU per scan = "
