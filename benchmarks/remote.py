@@ -116,6 +116,7 @@ def scan_overhead(port_in: int, proxy_pid: int, repeats: int, where: str) -> Non
     bl = sim_beamline(seed=0)
     address = f"127.0.0.1:{port_in}"
     arms = {"nothing attached": None,
+            "a no-op callback": lambda: (lambda name, doc: None),  # the RunEngine's share
             "publisher": lambda: remote.publisher(address),
             "publisher, batch_interval=0": lambda: remote.publisher(address,
                                                                      batch_interval=0)}
@@ -140,7 +141,7 @@ def scan_overhead(port_in: int, proxy_pid: int, repeats: int, where: str) -> Non
             # the wall time less the time the RunEngine's thread was ready to run but
             # another task had the CPU: what other people's load adds, taken out
             out["unqueued"] = out["wall"] - (w1 - w0)
-        if pub:
+        if hasattr(pub, "close"):
             out["inside"] = getattr(pub, "inside", None)
             pub.close()
         return out
@@ -184,10 +185,11 @@ def scan_overhead(port_in: int, proxy_pid: int, repeats: int, where: str) -> Non
               f"{100 * (pu / bu - 1):+.1f} %; CPU of the RunEngine's thread {pr:.3f} s = "
               f"{100 * (pr / br - 1):+.1f} %, "
               f"of the process (with 0MQ's I/O thread) {pc:.3f} s = {100 * (pc / bc - 1):+.1f} "
-              f"%; inside the publisher {1e3 * inside[name]:.1f} ms CPU per scan = "
-              f"{1e6 * inside[name] / 503:.0f} us per document = "
-              f"{100 * inside[name] / br:.1f} % of the bare scan's RunEngine thread; the proxy "
-              f"used {med(name, 'proxy_cpu'):.3f} s CPU per scan", flush=True)
+              f"%" + (f"; inside the publisher {1e3 * inside[name]:.1f} ms CPU per scan = "
+                      f"{1e6 * inside[name] / 503:.0f} us per document = "
+                      f"{100 * inside[name] / br:.1f} % of the bare scan's RunEngine thread; "
+                      f"the proxy used {med(name, 'proxy_cpu'):.3f} s CPU per scan"
+                      if name in inside else ""), flush=True)
     print(f"  {load()} after", flush=True)
 
 
