@@ -106,9 +106,10 @@ class MsgpackPublisher(Publisher):
       packed from their own memory.
     - Sends are batched. Sending one 0MQ message wakes 0MQ's I/O thread, and a wake-up
       per document cost the RunEngine's thread more than the packing. Messages are
-      held for at most ``batch_interval`` seconds and then sent together, from the
-      RunEngine's own event loop (``loop.call_later``): the socket is only ever used by
-      that one thread, the scan never waits, and there is no thread to hand the GIL to.
+      held for ``batch_interval`` seconds and then sent together, from the RunEngine's
+      own event loop (``loop.call_later``; a device that blocks the loop delays them):
+      the socket is only ever used by that one thread, the scan never waits, and there
+      is no thread to hand the GIL to.
       A run's ``stop`` document, ``flush()``, ``close()`` and ``batch_size`` messages
       waiting send at once; ``batch_interval=0``, or a call from outside an asyncio
       event loop (not from a RunEngine), sends every document at once.
@@ -180,8 +181,8 @@ def publisher(address: str, prefix: bytes = b"", batch_interval: float = 0.05) -
     """bluesky's ``Publisher`` to a 0MQ proxy at ``"HOST:PORT"``, speaking msgpack.
 
     ``RE.subscribe(publisher("localhost:5577"))``. Sending never blocks the RunEngine;
-    documents leave at most ``batch_interval`` seconds after they were emitted, a run's
-    stop document at once (``MsgpackPublisher``).
+    documents leave in batches ``batch_interval`` seconds after they were emitted, a
+    run's stop document at once (``MsgpackPublisher``).
     """
     return MsgpackPublisher(address, prefix=prefix, batch_interval=batch_interval)
 
