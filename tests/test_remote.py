@@ -37,9 +37,7 @@ class Services:
         self.shared = tmp / "shared"  # ACQ as mounted on the worker's machine
         self.shared.mkdir()
         self.port_in, self.port_out = _free_port(), _free_port()
-        proxy = shutil.which("bluesky-0MQ-proxy", path=str(Path(sys.executable).parent))
-        self.proxy_command = [proxy, "--in-address", f"127.0.0.1:{self.port_in}",
-                              "--out-address", f"127.0.0.1:{self.port_out}"]
+        self.proxy_command = proxy_command(self.port_in, self.port_out)
         self.start_proxy()
         self.worker, self.logs = None, []
 
@@ -124,6 +122,66 @@ def test_wire_format_round_trips_arrays_and_never_unpickles():
         remote.unpack(pickle.dumps({"a": 1}))
     with pytest.raises(TypeError):
         remote.pack({"a": np.array([object()])})
+    # 0-d and non-contiguous arrays keep their shape and values
+    odd = {"scalar": np.array(2.5), "strided": np.arange(12.0).reshape(3, 4)[:, ::2]}
+    back = remote.unpack(remote.pack(odd))
+    assert back["scalar"].shape == () and back["scalar"] == 2.5
+    np.testing.assert_array_equal(back["strided"], odd["strided"])
+    # the publisher's fast path frames the same bytes as bluesky's Publisher would
+    pub = remote.publisher(f"127.0.0.1:{_free_port()}", prefix=b"xrd")
+    try:
+        assert pub.message("event", doc) == b"xrd event " + remote.pack(doc)
+    finally:
+        pub.close()
+
+
+def proxy_command(port_in: int, port_out: int) -> list[str]:
+    proxy = shutil.which("bluesky-0MQ-proxy", path=str(Path(sys.executable).parent))
+    return [proxy, "--in-address", f"127.0.0.1:{port_in}",
+            "--out-address", f"127.0.0.1:{port_out}"]
+
+
+def test_the_publisher_batches_sends_and_delivers_every_document_in_order():
+    """What a RunEngine emits arrives through bluesky's proxy whole and in order, in
+    bluesky's framing, the stop document without delay; outside an event loop a
+    document is sent at once."""
+    from ophyd.sim import det
+
+    port_in, port_out = _free_port(), _free_port()
+    proxy = subprocess.Popen(proxy_command(port_in, port_out), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.connect(f"tcp://127.0.0.1:{port_out}")
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    pub = remote.publisher(f"127.0.0.1:{port_in}", batch_interval=60.0)
+    try:
+        time.sleep(SETTLE)
+        pub("start", {"uid": "outside-the-loop", "time": 0.0})
+        assert sub.poll(30_000), "a document sent outside an event loop did not arrive"
+        assert sub.recv().startswith(b" start ")
+        emitted = []
+        RE = RunEngine({})
+        RE.subscribe(lambda name, doc: emitted.append((name, doc["uid"] if "uid" in doc
+                                                       else doc.get("datum_id"))))
+        RE.subscribe(pub)
+        sent = []  # messages handed to 0MQ as each document passed the publisher
+        RE.subscribe(lambda name, doc: sent.append(pub.sent))
+        RE(bp.count([det], num=5))
+        # batch_interval 60 s: held until the stop document sent the whole run
+        assert sent == [1] * (len(emitted) - 1) + [1 + len(emitted)]
+        received = []
+        while len(received) < len(emitted) and sub.poll(30_000):
+            prefix, name, body = sub.recv().split(b" ", 2)
+            doc = remote.unpack(body)
+            received.append((name.decode(), doc["uid"]))
+        assert received == emitted and pub.sent == len(emitted) + 1
+    finally:
+        pub.close()
+        sub.close()
+        ctx.term()
+        proxy.terminate()
+        proxy.wait(timeout=60)
 
 
 def test_tracker_passes_seen_runs_and_names_the_missed_ones(caplog):
@@ -347,8 +405,9 @@ def test_worker_stopped_mid_scan_and_restarted(services, RE_pub, tiled_client):
         if name == "event" and doc["seq_num"] == 5:
             services.start_worker()
 
-    RE.subscribe(orchestrate)
+    token = RE.subscribe(orchestrate)
     (uid,) = RE(bp.count([beamline.powder], num=10, delay=0.2))
+    RE.unsubscribe(token)  # (the next scan has a seq_num 3 too)
     raw.join(timeout=120)
     assert codes == [0]
     first = services.log(-2)
@@ -358,7 +417,9 @@ def test_worker_stopped_mid_scan_and_restarted(services, RE_pub, tiled_client):
     services.wait_log(f"xrdml reprocess {uid}")  # the new worker missed this run's start
     # the new worker analyses the next scan in full
     (uid2,) = RE(bp.count([beamline.powder], num=4))
-    assert worker_analysis(client, uid2).metadata["stop"]["exit_status"] == "success"
+    stop = worker_analysis(client, uid2).metadata["stop"]
+    assert stop["exit_status"] == "success" and "interrupted" not in stop.get("reason", "")
+    assert stop["num_events"]["patterns"] == 4
     # and the command it logged analyses the missed run from the catalog
     result = CliRunner().invoke(app, ["reprocess", uid, "--catalog", client.uri],
                                 env={"TILED_API_KEY": client.context.api_key})
