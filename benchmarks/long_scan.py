@@ -76,6 +76,19 @@ class ExposedArea(Exposed, BraggSpotDetector):
     pass
 
 
+def exposed_powder(bl, seed: int, exposure: float) -> ExposedPowder:
+    """A powder detector of beamline ``bl`` that puts the next of 8 patterns the simulator
+    made before the scan (at 8 sample positions) and takes ``exposure`` s per point."""
+    powder = ExposedPowder(name="powder", x=bl.x, y=bl.y, rotation=bl.rot, seed=seed)
+    pool = []
+    for i in range(8):
+        bl.x.set(-0.8 + 0.2 * i)
+        PowderDetector.trigger(powder)  # the simulator's own pattern
+        pool.append(powder.pattern.get().copy())
+    powder.setup_exposure(powder.pattern, pool, exposure)
+    return powder
+
+
 def memory(patterns: int, warmup: int = 2000) -> None:
     bl = sim_beamline(seed=1)
     samples = {}
@@ -117,13 +130,7 @@ def memory_with_writers(patterns: int, exposure: float, warmup: int = 1000) -> N
     from bluesky_xrdml import catalog
 
     bl = sim_beamline(seed=5)
-    powder = ExposedPowder(name="powder", x=bl.x, y=bl.y, rotation=bl.rot, seed=5)
-    pool = []
-    for i in range(8):
-        bl.x.set(-0.8 + 0.2 * i)
-        PowderDetector.trigger(powder)
-        pool.append(powder.pattern.get().copy())
-    powder.setup_exposure(powder.pattern, pool, exposure)
+    powder = exposed_powder(bl, 5, exposure)
     samples = {}
 
     def sample(name, doc):
@@ -157,17 +164,9 @@ def memory_with_writers(patterns: int, exposure: float, warmup: int = 1000) -> N
 
 
 def cost(points: int, exposure: float) -> None:
-    from bluesky_xrdml.devices import sim_beamline as _sb
-
-    bl = _sb(seed=2)
+    bl = sim_beamline(seed=2)
     rng = np.random.default_rng(0)
-    powder = ExposedPowder(name="powder", x=bl.x, y=bl.y, rotation=bl.rot, seed=2)
-    pool = []
-    for i in range(8):
-        bl.x.set(-0.8 + 0.2 * i)
-        PowderDetector.trigger(powder)  # the simulator's own pattern
-        pool.append(powder.pattern.get().copy())
-    powder.setup_exposure(powder.pattern, pool, exposure)
+    powder = exposed_powder(bl, 2, exposure)
     sim = SpotSimulator(shape=(2048, 2048), density=400.0, seed=2)
     area = ExposedArea(name="area", rotation=bl.rot, simulator=sim, seed=2)
     frames = [sim.frame(0.5 * i, rng) for i in range(4)]
@@ -208,13 +207,7 @@ def outage(points: int, exposure: float, repeats: int = 3) -> None:
     # shortened so that the benchmark does not wait for them at the end
     utils.TILED_RETRY_ATTEMPTS, utils.TILED_RETRY_TIMEOUT = 1, 1.0
     bl = sim_beamline(seed=3)
-    powder = ExposedPowder(name="powder", x=bl.x, y=bl.y, rotation=bl.rot, seed=3)
-    pool = []
-    for i in range(8):
-        bl.x.set(-0.8 + 0.2 * i)
-        PowderDetector.trigger(powder)
-        pool.append(powder.pattern.get().copy())
-    powder.setup_exposure(powder.pattern, pool, exposure)
+    powder = exposed_powder(bl, 3, exposure)
     dead = "catalog stopped after 10 % of the points"
 
     def one(case: str, where: Path):
