@@ -28,6 +28,8 @@ from pathlib import Path
 import msgpack
 from event_model import RunRouter
 
+from .remote import _ext_hook, pack
+
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".msgpack"
@@ -79,8 +81,6 @@ class _RunSpool:
             self.failed = f"{type(err).__name__}: {err}"
 
     def __call__(self, name, doc):
-        from .remote import pack
-
         self.file.write(pack({"name": name, "doc": doc}))
         if not self.failed:
             try:
@@ -120,8 +120,6 @@ def documents(path: Path):
                 if line.strip():
                     yield json.loads(line)
         return
-    from .remote import _ext_hook
-
     with open(path, "rb") as f:
         yield from msgpack.Unpacker(f, ext_hook=_ext_hook, raw=False, strict_map_key=False,
                                     max_buffer_size=0)

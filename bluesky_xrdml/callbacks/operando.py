@@ -99,7 +99,7 @@ class OperandoAttention:
             figures = os.environ.get("XRDML_FIGURES", "xrdml-figures")
         self.figures = Path(figures) if figures else None
         self.saved: list[str] = []  # PNGs written, newest last
-        self._runs: dict[str, dict] = {}  # descriptor uid -> what the run accumulated
+        self._runs: dict[str, FigureHistory] = {}  # descriptor uid -> the run's figure history
         if model is None:
             try:
                 from ..models import load_model
