@@ -10,7 +10,8 @@ voltage MAE, mode and rate accuracy, ±2σ coverage; the share of the VAW mass w
 of the peaks that move with state of charge (NMC 003, NMC 101, the carbon 00l peak of each
 carbon phase present) and in ±0.3° around Al 111 (which does not move), against each moving
 peak's; the same model on the same states measured at another wavelength (Mo Kα, 2θ grid
-covering the same Q; same Q resolution, and same 2θ resolution); patterns/s of the model
+covering the same Q; same Q resolution, and same 2θ resolution, each with the instrument's
+FWHM given to ``predict`` and not); patterns/s of the model
 alone and of ``predict`` (resampling included). Every figure with ``os.getloadavg()``.
 Training time is the model card's (``xrdml train attention --simulate`` prints it with the
 load average).
@@ -50,8 +51,8 @@ def test_runs(cycles: int, seed: int, settings: PatternSettings | None = None):
     return held, mix
 
 
-def scores(model, run) -> dict:
-    pred = model.predict(run.patterns, run.two_theta, run.wavelength)
+def scores(model, run, instrument_fwhm: float | None = None) -> dict:
+    pred = model.predict(run.patterns, run.two_theta, run.wavelength, instrument_fwhm)
     err = np.abs(pred["voltage"] - run.voltage)
     mode = (run.mode == "discharge").astype(int)
     rate = np.abs(np.asarray(model.rates)[None, :] - run.rate[:, None]).argmin(1)
@@ -184,12 +185,20 @@ def main():
 
     print("\n== another wavelength: Mo Kα 0.7093 Å, 2θ grid covering the model's Q ==")
     tt = two_theta_for_q(card["q_range"], MO_KA, 1301)
-    for label, fwhm in (("same Q resolution (FWHM 0.08° × λ/λ_Cu)", 0.08 * MO_KA / CU_KA),
-                        ("same 2θ resolution (FWHM 0.08°)", 0.08)):
+    print(f"(the model brings every pattern to a Q resolution of "
+          f"{card.get('resolution_q_fwhm')} Å⁻¹ FWHM; its default instrument is "
+          f"{card.get('instrument_fwhm_deg')}° 2θ)")
+    q_fwhm = 0.08 * MO_KA / CU_KA
+    for label, fwhm, told in (
+            ("same 2θ resolution (FWHM 0.08°), instrument FWHM given", 0.08, 0.08),
+            ("same 2θ resolution (FWHM 0.08°), not given (the card's default)", 0.08, None),
+            (f"same Q resolution (FWHM {q_fwhm:.3f}°), instrument FWHM given", q_fwhm, q_fwhm),
+            (f"same Q resolution (FWHM {q_fwhm:.3f}°), not given (the card's default)", q_fwhm,
+             None)):
         st = PatternSettings(wavelength=MO_KA, two_theta=(tt[0], tt[-1], tt.size),
                              instrument_fwhm=fwhm)
         h2, m2 = test_runs(args.cycles, args.seed, st)
-        a, b = scores(model, h2), scores(model, m2)
+        a, b = scores(model, h2, told), scores(model, m2, told)
         mae = (a["mae"] * a["n"] + b["mae"] * b["n"]) / (a["n"] + b["n"])
         mode = (a["mode"] * a["n"] + b["mode"] * b["n"]) / (a["n"] + b["n"])
         rate = (a["rate"] * a["n"] + b["rate"] * b["n"]) / (a["n"] + b["n"])

@@ -135,23 +135,38 @@ def test_predict_api_shapes_and_card(tiny):
 
 
 def test_input_is_in_q_so_another_wavelength_reads_the_same(tiny):
+    from bluesky_xrdml.simulation.operando import PatternSettings
+
     out, card, _ = tiny
     model = load_model(str(out))
-    runs = {}
-    for wl in (1.5406, 0.7093):
-        from bluesky_xrdml.simulation.operando import PatternSettings
-
+    assert card["resolution_q_fwhm"] == training.DEFAULT_RESOLUTION
+    assert card["instrument_fwhm_deg"] == 0.08  # the simulator's default detector
+    x, raw = {}, {}
+    # Cu Kα, then Mo Kα with the same Q resolution and with the same 2θ resolution (0.08°)
+    for wl, fwhm in ((1.5406, 0.08), (0.7093, 0.08 * 0.7093 / 1.5406), (0.7093, 0.08)):
         tt = two_theta_for_q(card["q_range"], wl, 1301)
         s = PatternSettings(wavelength=wl, two_theta=(tt[0], tt[-1], tt.size),
-                            counts=1e8, instrument_fwhm=0.08 * wl / 1.5406)
-        runs[wl] = simulate_run(1, [1.0], interval=1200.0, seed=3, settings=s)
-    x = {wl: model.prepare(r.patterns, r.two_theta, wl) for wl, r in runs.items()}
-    # same states, nearly noise-free: the network's inputs agree across wavelengths
-    assert np.abs(x[1.5406] - x[0.7093]).max() < 0.15
+                            counts=1e8, instrument_fwhm=fwhm)
+        run = simulate_run(1, [1.0], interval=1200.0, seed=3, settings=s)
+        x[wl, fwhm] = model.prepare(run.patterns, run.two_theta, wl, instrument_fwhm=fwhm)
+        raw[wl, fwhm] = am.resample(run.patterns, run.two_theta, wl, card["q_range"])
+    cu, mo_q, mo_2th = x.values()
+    # same states, nearly noise-free: the network's inputs agree across wavelengths and
+    # instruments once both are brought to the model's Q resolution ...
+    assert np.abs(cu - mo_q).max() < 0.08
+    assert np.abs(cu - mo_2th).max() < 0.08
+    # ... which the same 2θ resolution alone does not give (peaks 2.2× wider in Q at Mo Kα)
+    raw_cu, _, raw_mo = raw.values()
+    assert np.abs(raw_cu - raw_mo).max() > 0.15
+    # without an instrument FWHM, predict takes the card's (0.08°): the same-2θ case
+    assert np.array_equal(model.prepare(run.patterns, run.two_theta, 0.7093), mo_2th)
     # and Al 111 sits where moving_peaks puts it at this wavelength
-    pk = moving_peaks(runs[0.7093].soc[:1], 0.7093)["Al 111"][0]
+    pk = moving_peaks(run.soc[:1], 0.7093)["Al 111"][0]
     tt = model.vaw_two_theta(0.7093)
-    assert tt[np.argmax(x[0.7093][0] * (np.abs(tt - pk) < 0.5))] == pytest.approx(pk, abs=0.1)
+    assert tt[np.argmax(mo_2th[0] * (np.abs(tt - pk) < 0.5))] == pytest.approx(pk, abs=0.1)
+    # an instrument coarser than the model's resolution is said, not hidden
+    with pytest.warns(am.ResolutionWarning, match="coarser than the model"):
+        model.prepare(run.patterns[:1], run.two_theta, 0.7093, instrument_fwhm=0.3)
 
 
 def test_bad_patterns_say_what_is_wrong(tiny):

@@ -5,7 +5,8 @@ Plugs into ``XRDMLCallback`` like the other analyses (``match`` / ``streams`` / 
 
     XRDMLCallback(analyses=default_analyses() + [OperandoAttention()])
 
-Routing: a 1D pattern with a 2θ axis and a wavelength in its detector's configuration,
+Routing: a 1D pattern with a 2θ axis and a wavelength in its detector's configuration
+(and, optionally, ``instrument_fwhm`` in degrees 2θ: the model matches resolutions with it),
 from a detector the model is configured for (``detectors=``: data keys or device names),
 or — by default — any such pattern in an event that also holds the cell's voltage (a data
 key ending in ``voltage``). The pattern must cover the model's Q range at its wavelength.
@@ -161,11 +162,14 @@ class OperandoAttention:
         tt = np.asarray(tt, float)
         if tt.size != array_shape(data_key)[0]:
             return f"2θ axis has {tt.size} points but the pattern has {array_shape(data_key)[0]}"
+        fwhm = config_value(descriptor, obj, "instrument_fwhm")  # None: the model's default
+        fwhm = None if fwhm is None else float(fwhm)
         try:  # the pattern must cover the model's Q range
-            self.model.prepare(np.ones((1, tt.size)), tt, float(wl))
+            self.model.prepare(np.ones((1, tt.size)), tt, float(wl), fwhm)
         except ValueError as err:
             return str(err)
-        return {"two_theta": tt, "wavelength": float(wl), "descriptor": descriptor["uid"],
+        return {"two_theta": tt, "wavelength": float(wl), "instrument_fwhm": fwhm,
+                "descriptor": descriptor["uid"],
                 "raw_uid": descriptor.get("run_start", ""),
                 "stream": layout.stream_name(OPERANDO, key, patterns.index(key) == 0)}
 
@@ -204,7 +208,8 @@ class OperandoAttention:
         good, errors = [], []
         for item in items:  # check each so one bad pattern does not sink the batch
             try:
-                good.append((item, self.model.prepare(item.value, tt, wl)[0]))
+                good.append((item, self.model.prepare(
+                    item.value, tt, wl, route.context["instrument_fwhm"])[0]))
             except PatternError as err:
                 errors.append((item.point, str(err)))
         rows = []

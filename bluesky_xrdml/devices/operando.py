@@ -23,6 +23,8 @@ class OperandoDetector(Device):
     pattern = Cpt(ArraySignal, kind="normal", shape=(1,), dtype="<f4")
     two_theta = Cpt(ArraySignal, kind="config", shape=(1,), dtype="<f8")
     wavelength = Cpt(Signal, value=1.5406, kind="config", doc="X-ray wavelength in Å")
+    instrument_fwhm = Cpt(Signal, value=0.08, kind="config",
+                          doc="instrumental peak FWHM in degrees 2θ")
 
     def __init__(self, *args, cell, settings: PatternSettings | None = None, seed: int = 0,
                  **kwargs):
@@ -34,6 +36,7 @@ class OperandoDetector(Device):
         self.pattern.put(np.zeros(m, np.float32))
         self.two_theta.put(self.simulator.two_theta.copy())
         self.wavelength.put(float(self.simulator.wavelength))
+        self.instrument_fwhm.put(float(self.simulator.settings.instrument_fwhm))
         self._cell = cell
         self._rng = np.random.default_rng(seed)
 

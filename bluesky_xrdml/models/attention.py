@@ -8,8 +8,19 @@ cumulative counts, differenced at the bin edges, so that no peak is aliased away
 min-max scaled to [0, 1]. Because the grid is in Q, not 2θ, a model trained at one
 wavelength reads patterns taken at another.
 
+Peak widths in Q depend on the wavelength too: a detector with the same 2θ resolution gives
+peaks 2.2× wider in Q at Mo Kα than at Cu Kα, and a model that learned to read the C-rate
+from the particle-state broadening would read that as a faster rate. So before resampling,
+each pattern is brought to the model's common Q resolution (``resolution_q_fwhm`` in the
+card): it is convolved with a Gaussian whose FWHM at each point is
+``sqrt(R² − f(Q)²)``, ``f(Q) = (2π/λ) cos θ · FWHM_2θ`` being the instrument's own width in
+Q (``instrument_fwhm`` in degrees 2θ, the caller's instrument; default the training
+instrument's). Inputs whose instrument is already coarser than ``R`` cannot be sharpened:
+``prepare`` warns (``ResolutionWarning``).
+
 Network (``AttentionNet``), as in the paper: ten 1D convolutions of 32 filters with four
-kernel sizes, ReLU, batch normalisation at the 7th; single-head attention with QUERY = the
+kernel sizes (on the pattern plus, with ``q_channel``, a channel holding each bin's Q, so
+that a query knows which d-spacing it looks at), ReLU, batch normalisation at the 7th; single-head attention with QUERY = the
 6th layer's output and KEY = VALUE = the 10th's: ``weights = softmax(Q·Kᵀ)`` (256 × 256),
 ``combination = tanh(weights · V)``; one head per task on the combination:
 
@@ -25,6 +36,8 @@ wavelength.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +62,19 @@ DEFAULT_ARCH = {
     "attention_scale": 1.0,  # the paper's softmax(Q·Kᵀ); 1/sqrt(channels) would be "scaled"
     "head_channels": 4,  # 1×1 convolution of the combination before each head's MLP
     "hidden": 64,
+    # a second input channel holding each bin's Q (scaled to [-1, 1]): the d-spacing
+    # information the paper found missing when its attention lit the static Al peak
+    "q_channel": True,
 }
 
 
 class PatternError(ValueError):
     """A pattern the model cannot read (wrong shape, NaN, no overlap with its Q range)."""
+
+
+class ResolutionWarning(UserWarning):
+    """The instrument is coarser in Q than the model's common resolution: peaks reach the
+    network wider than in training."""
 
 
 class AttentionNet(nn.Module):
@@ -66,7 +87,9 @@ class AttentionNet(nn.Module):
         self.arch = arch
         ch = int(arch["channels"])
         self.convs = nn.ModuleList()
-        cin = 1
+        cin = 2 if arch["q_channel"] else 1
+        self.register_buffer("q_coord", torch.linspace(-1.0, 1.0, n_points)[None, None, :],
+                             persistent=False)
         for k in arch["kernels"]:
             conv = nn.Conv1d(cin, ch, int(k), padding=int(k) // 2)
             # He initialisation: ten ReLU layers on a sparse pattern keep their signal
@@ -90,7 +113,7 @@ class AttentionNet(nn.Module):
         """(query (N, L, C), key = value (N, L, C))."""
         a = self.arch
         query = None
-        h = x
+        h = torch.cat([x, self.q_coord.expand(len(x), 1, -1)], 1) if a["q_channel"] else x
         for i, conv in enumerate(self.convs, start=1):
             h = conv(h)
             if i == a["batchnorm_layer"]:
@@ -151,11 +174,77 @@ def check_patterns(patterns, two_theta, wavelength) -> tuple[np.ndarray, np.ndar
     return y, tt
 
 
+def instrument_q_fwhm(two_theta, wavelength: float, fwhm_deg: float) -> np.ndarray:
+    """The instrument's FWHM in Q (Å⁻¹) at each 2θ (degrees) for a 2θ FWHM of ``fwhm_deg``:
+    dQ/d(2θ) = (2π/λ) cos θ."""
+    theta = np.radians(np.asarray(two_theta, float)) / 2
+    return 2 * np.pi / float(wavelength) * np.cos(theta) * np.radians(float(fwhm_deg))
+
+
+@functools.lru_cache(maxsize=16)
+def _matching_kernel(tt_key: bytes, wavelength: float, fwhm_deg: float, resolution: float):
+    tt = np.frombuffer(tt_key, dtype=float)
+    return resolution_kernel(tt, wavelength, fwhm_deg, resolution)
+
+
+def resolution_kernel(two_theta, wavelength: float, fwhm_deg: float, resolution: float):
+    """Sparse (M, M) matrix K that brings counts on ``two_theta`` (instrument FWHM
+    ``fwhm_deg`` degrees) to a Gaussian Q resolution of ``resolution`` Å⁻¹ FWHM:
+    ``y @ K.T``. Column j spreads pixel j's counts over the pixels' Q intervals with the
+    Gaussian of FWHM ``sqrt(R² − f_j²)`` (counts are conserved away from the edges).
+    Returns (K, share of pixels whose instrument is coarser than ``resolution``)."""
+    from scipy import sparse
+    from scipy.special import ndtr
+
+    tt = np.asarray(two_theta, float)
+    q = q_of(tt, wavelength)
+    mid = 0.5 * (q[1:] + q[:-1])
+    edges = np.concatenate([[q[0] - (mid[0] - q[0])], mid, [q[-1] + (q[-1] - mid[-1])]])
+    f = instrument_q_fwhm(tt, wavelength, fwhm_deg)
+    coarse = float(np.mean(f > resolution * 1.02))
+    sigma = np.sqrt(np.clip(resolution**2 - f**2, 0, None)) / (2 * np.sqrt(2 * np.log(2)))
+    sigma = np.maximum(sigma, 1e-9)
+    lo = np.searchsorted(edges, q - 6 * sigma, side="right") - 1
+    hi = np.searchsorted(edges, q + 6 * sigma, side="left")
+    lo, hi = np.clip(lo, 0, q.size - 1), np.clip(hi, 1, q.size)
+    width = int((hi - lo).max())
+    rows = lo[:, None] + np.arange(width)[None, :]  # (M source, width) target pixels
+    valid = rows < hi[:, None]
+    rows = np.minimum(rows, q.size - 1)
+    upper = ndtr((edges[rows + 1] - q[:, None]) / sigma[:, None])
+    lower = ndtr((edges[rows] - q[:, None]) / sigma[:, None])
+    w = np.where(valid, upper - lower, 0.0)
+    cols = np.broadcast_to(np.arange(q.size)[:, None], rows.shape)
+    kernel = sparse.csr_matrix((w[valid], (rows[valid], cols[valid])), shape=(q.size, q.size))
+    return kernel, coarse
+
+
+def match_resolution(y: np.ndarray, two_theta, wavelength: float, fwhm_deg: float,
+                     resolution: float) -> np.ndarray:
+    """Counts (N, M) convolved to the Q resolution ``resolution`` (see the module doc);
+    warns ``ResolutionWarning`` when the instrument is coarser than that."""
+    tt = np.ascontiguousarray(two_theta, dtype=float)
+    kernel, coarse = _matching_kernel(tt.tobytes(), float(wavelength), float(fwhm_deg),
+                                      float(resolution))
+    if coarse > 0:
+        f = instrument_q_fwhm(tt[[0, -1]], wavelength, fwhm_deg)
+        warnings.warn(
+            f"the instrument's Q resolution ({f.min():.4f}-{f.max():.4f} Å⁻¹ FWHM for "
+            f"{fwhm_deg}° 2θ at λ = {wavelength} Å) is coarser than the model's "
+            f"{resolution:.4f} Å⁻¹ on {100 * coarse:.0f} % of the pattern: peaks look wider "
+            "than in training (rate and voltage may suffer); train a model at this "
+            "resolution (xrdml train attention --resolution)", ResolutionWarning, stacklevel=3)
+    return np.asarray(kernel @ y.T).T
+
+
 def resample(patterns, two_theta, wavelength: float, q_range, n: int = N_POINTS,
-             min_coverage: float = 0.9) -> np.ndarray:
+             min_coverage: float = 0.9, instrument_fwhm: float | None = None,
+             resolution: float | None = None) -> np.ndarray:
     """Counts (N, M) on 2θ at ``wavelength`` → (N, n) float32 on the model's Q bins, min-max
-    scaled per pattern (the network's input). Bins outside the measured Q range are 0; less
-    than ``min_coverage`` of the model's range measured raises ``PatternError``."""
+    scaled per pattern (the network's input). With ``resolution`` (Å⁻¹ FWHM) the counts are
+    first brought to that Q resolution from the instrument's ``instrument_fwhm`` (degrees
+    2θ). Bins outside the measured Q range are 0; less than ``min_coverage`` of the model's
+    range measured raises ``PatternError``."""
     from scipy.interpolate import PchipInterpolator
 
     y, tt = check_patterns(patterns, two_theta, wavelength)
@@ -171,7 +260,10 @@ def resample(patterns, two_theta, wavelength: float, q_range, n: int = N_POINTS,
             f"{tt[-1]:.2f}° at λ = {wavelength} Å), only {100 * max(inside, 0):.0f} % of the "
             f"model's {edges[0]:.3f}-{edges[-1]:.3f} Å⁻¹; measure that range or train a model "
             "for yours")
-    cum = np.concatenate([np.zeros((len(y), 1)), np.cumsum(np.clip(y, 0, None), axis=1)], 1)
+    y = np.clip(y, 0, None)
+    if resolution:
+        y = match_resolution(y, tt, wavelength, instrument_fwhm or 0.0, resolution)
+    cum = np.concatenate([np.zeros((len(y), 1)), np.cumsum(y, axis=1)], 1)
     spline = PchipInterpolator(q_edges, cum, axis=1, extrapolate=False)
     at = np.clip(edges, q_edges[0], q_edges[-1])
     binned = np.diff(spline(at), axis=1)
@@ -184,9 +276,11 @@ def resample(patterns, two_theta, wavelength: float, q_range, n: int = N_POINTS,
 class AttentionPredictor:
     """What ``load_model("attention-demo")`` (or a path) returns.
 
-    ``predict(patterns, two_theta, wavelength)``: counts (N, M) (or one pattern (M,)) on
-    ``two_theta`` (degrees) at ``wavelength`` (Å) → dict of numpy arrays: ``voltage`` (N,),
-    ``voltage_std`` (N,), ``mode`` (N, 2) probabilities [charge, discharge], ``rate``
+    ``predict(patterns, two_theta, wavelength, instrument_fwhm=None)``: counts (N, M) (or
+    one pattern (M,)) on ``two_theta`` (degrees) at ``wavelength`` (Å), taken with an
+    instrument of ``instrument_fwhm`` degrees 2θ (default: the training one's) → dict of
+    numpy arrays: ``voltage`` (N,), ``voltage_std`` (N,), ``mode`` (N, 2) probabilities
+    [charge, discharge], ``rate``
     (N, K) probabilities in the order of ``rates`` (C-rates; ``rate_labels``), ``vaw``
     (N, 256) and ``vaw_two_theta`` (256,), the 2θ of the model's Q bins at ``wavelength``.
     """
@@ -206,6 +300,9 @@ class AttentionPredictor:
         self.voltage_scale = float(card["voltage_norm"][1])
         self.std_scale = float(card.get("std_scale", 1.0))
         self.wavelength = float(card["wavelength"])  # the training wavelength (any works)
+        # the common Q resolution inputs are brought to (None: models trained without it)
+        self.resolution = card.get("resolution_q_fwhm")
+        self.instrument_fwhm = float(card.get("instrument_fwhm_deg") or 0.0)
 
     @property
     def name(self) -> str:
@@ -221,9 +318,13 @@ class AttentionPredictor:
     def vaw_two_theta(self, wavelength: float) -> np.ndarray:
         return two_theta_of(self.q_centres, wavelength)
 
-    def prepare(self, patterns, two_theta, wavelength) -> np.ndarray:
-        """The network's input (N, 256) float32."""
-        return resample(patterns, two_theta, wavelength, self.q_range, self.n_points)
+    def prepare(self, patterns, two_theta, wavelength,
+                instrument_fwhm: float | None = None) -> np.ndarray:
+        """The network's input (N, 256) float32. ``instrument_fwhm``: your instrument's
+        FWHM in degrees 2θ (default: the training instrument's, ``instrument_fwhm_deg``)."""
+        fwhm = self.instrument_fwhm if instrument_fwhm is None else float(instrument_fwhm)
+        return resample(patterns, two_theta, wavelength, self.q_range, self.n_points,
+                        instrument_fwhm=fwhm, resolution=self.resolution)
 
     def forward(self, x: np.ndarray) -> dict:
         """Network outputs of prepared inputs (N, 256) as numpy arrays."""
@@ -242,9 +343,11 @@ class AttentionPredictor:
                     "vaw": np.zeros((0, self.n_points))}
         return {k: torch.cat(v).numpy() for k, v in outs.items()}
 
-    def predict(self, patterns, two_theta, wavelength) -> dict:
-        """See the class doc."""
-        return self.predict_prepared(self.prepare(patterns, two_theta, wavelength), wavelength)
+    def predict(self, patterns, two_theta, wavelength,
+                instrument_fwhm: float | None = None) -> dict:
+        """See the class doc; ``instrument_fwhm`` as in ``prepare``."""
+        return self.predict_prepared(
+            self.prepare(patterns, two_theta, wavelength, instrument_fwhm), wavelength)
 
     def predict_prepared(self, x: np.ndarray, wavelength: float) -> dict:
         """``predict`` of inputs already on the model's grid (``prepare``)."""
@@ -263,6 +366,7 @@ class AttentionPredictor:
 
 def from_tensors(state: dict, card: dict) -> AttentionNet:
     arch = {k: v for k, v in card.get("architecture", {}).items() if k in DEFAULT_ARCH}
+    arch.setdefault("q_channel", False)  # cards written before the Q channel existed
     net = AttentionNet(len(card["rates"]), arch, int(card.get("n_points", N_POINTS)))
     net.load_state_dict(state)
     return net

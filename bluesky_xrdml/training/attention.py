@@ -27,6 +27,9 @@ from ..models import weights as weights_io
 from .progress import TrainingProgress
 
 W_MODE, W_RATE = 0.3, 0.3
+# the common Q resolution (Å⁻¹ FWHM) patterns are brought to before the network: coarser
+# than a 0.08° 2θ detector at Cu Kα (0.0055) and at Mo Kα (0.012), so one model reads both
+DEFAULT_RESOLUTION = 0.015
 
 
 @dataclass
@@ -39,10 +42,12 @@ class Dataset:
     rate: np.ndarray  # (N,) index into ``rates``
     cycle: np.ndarray  # (N,) int, the unit of the train/validation split
     rates: list[float]
+    resolution: float | None = None  # the Q resolution x was brought to (Å⁻¹ FWHM)
+    instrument_fwhm: float = 0.0  # the measuring instrument's FWHM, degrees 2θ
 
     def subset(self, mask) -> Dataset:
         return Dataset(self.x[mask], self.voltage[mask], self.mode[mask], self.rate[mask],
-                       self.cycle[mask], self.rates)
+                       self.cycle[mask], self.rates, self.resolution, self.instrument_fwhm)
 
     def __len__(self) -> int:
         return len(self.voltage)
@@ -77,10 +82,15 @@ def cycles_from_mode(mode_idx: np.ndarray) -> np.ndarray:
 
 
 def make_dataset(patterns, two_theta, wavelength, voltage, mode, rate, cycle, q_range,
-                 rates=None) -> Dataset:
+                 rates=None, instrument_fwhm: float = 0.0,
+                 resolution: float | None = DEFAULT_RESOLUTION) -> Dataset:
+    """Labelled patterns on the model's Q grid, brought to ``resolution`` (Å⁻¹ FWHM; None:
+    as measured) from an instrument of ``instrument_fwhm`` degrees 2θ."""
     m, r, rates = labels_from(mode, rate, rates)
-    x = am.resample(patterns, two_theta, wavelength, q_range)
-    return Dataset(x, np.asarray(voltage, float), m, r, np.asarray(cycle, int), rates)
+    x = am.resample(patterns, two_theta, wavelength, q_range, instrument_fwhm=instrument_fwhm,
+                    resolution=resolution)
+    return Dataset(x, np.asarray(voltage, float), m, r, np.asarray(cycle, int), rates,
+                   resolution, float(instrument_fwhm))
 
 
 def split_by_cycle(data: Dataset, n_validation: int = 2, seed: int = 0):
@@ -158,10 +168,28 @@ def _lr_factor(progress: float, warmup: float = 0.05, final: float = 0.02) -> fl
     return final + (1 - final) * 0.5 * (1 + np.cos(np.pi * min(t, 1.0)))
 
 
+def tilt(x: torch.Tensor, gen: torch.Generator, strength: float) -> torch.Tensor:
+    """Inputs (N, 1, L) times a smooth random factor ``exp(a t + b (t² - 1/3))`` over the Q
+    grid (t ∈ [-1, 1], |a| ≤ strength, |b| ≤ strength / 2), min-max scaled again: the
+    changes of relative peak heights that texture, absorption and the Lorentz factor at
+    another wavelength make, so the network reads positions and shapes rather than exact
+    intensity ratios."""
+    t = torch.linspace(-1.0, 1.0, x.shape[-1])
+    a = (2 * torch.rand(len(x), 1, 1, generator=gen) - 1) * strength
+    b = (torch.rand(len(x), 1, 1, generator=gen) - 0.5) * strength
+    y = x * torch.exp(a * t + b * (t * t - 1.0 / 3.0))
+    lo, hi = y.amin(-1, keepdim=True), y.amax(-1, keepdim=True)
+    return (y - lo) / (hi - lo).clamp_min(1e-6)
+
+
 def fit(net: am.AttentionNet, train: Dataset, norm: tuple[float, float], *, epochs: int,
         batch: int = 64, lr: float = 2e-3, minutes: float | None = None, seed: int = 0,
-        validation: Dataset | None = None, log=print, progress: bool = True) -> list[dict]:
-    """Train ``net`` on ``train``; one history entry per epoch."""
+        validation: Dataset | None = None, augment: float = 0.0, vaw_penalty: float = 0.0,
+        log=print, progress: bool = True) -> list[dict]:
+    """Train ``net`` on ``train``; one history entry per epoch. ``augment``: strength of the
+    random intensity tilt (``tilt``; 0 = none). ``vaw_penalty``: λ of a sparsity prior on
+    the attention, λ × the mean VAW (a query that needs no particular key then spreads its
+    attention instead of fixing on one)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     x = torch.from_numpy(train.x)[:, None, :]
@@ -189,8 +217,12 @@ def fit(net: am.AttentionNet, train: Dataset, norm: tuple[float, float], *, epoc
                 for g in opt.param_groups:
                     g["lr"] = lr * _lr_factor(prog)
                 idx = perm[b * batch:(b + 1) * batch]
-                terms = loss_terms(net(x[idx]), v[idx], m[idx], r[idx], mode_w, rate_w)
+                xb = tilt(x[idx], gen, augment) if augment > 0 else x[idx]
+                out = net(xb)
+                terms = loss_terms(out, v[idx], m[idx], r[idx], mode_w, rate_w)
                 loss = terms[0] + 0.1 * terms[1] + W_MODE * terms[2] + W_RATE * terms[3]
+                if vaw_penalty > 0:
+                    loss = loss + vaw_penalty * out[3].amax(dim=-1).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
@@ -255,7 +287,8 @@ def train(data: Dataset, out: str | Path, *, q_range, wavelength: float, two_the
           epochs: int = 30, batch: int = 64, lr: float = 2e-3, minutes: float | None = None,
           seed: int = 0, arch: dict | None = None, n_validation_cycles: int = 2,
           name: str | None = None, version: str = "1.0", source: dict | None = None,
-          log=print, progress: bool = True) -> dict:
+          augment: float = 0.0, vaw_penalty: float = 0.0, log=print,
+          progress: bool = True) -> dict:
     """Train on ``data`` (split by cycle), calibrate σ on the held-out cycles, save weights,
     card and loss curves at ``out`` (.safetensors, .json, .png). Returns the card."""
     t_start = time.monotonic()
@@ -269,14 +302,19 @@ def train(data: Dataset, out: str | Path, *, q_range, wavelength: float, two_the
         f"patterns ({len(np.unique(train_set.cycle))} cycles), {len(val_set)} held-out "
         f"({len(np.unique(val_set.cycle))} cycles); rates {data.rates} C")
     history = fit(net, train_set, norm, epochs=epochs, batch=batch, lr=lr, minutes=minutes,
-                  seed=seed, validation=val_set, log=log, progress=progress)
+                  seed=seed, validation=val_set, augment=augment, vaw_penalty=vaw_penalty,
+                  log=log, progress=progress)
     card = {
         "model": am.NAME, "name": name or out.stem, "version": version,
         "q_range": [float(q_range[0]), float(q_range[1])], "n_points": am.N_POINTS,
-        "input": "2θ at the caller's wavelength → Q = 4π sin θ / λ; PCHIP spline of the "
-                 "cumulative counts differenced on 256 Q bins; min-max scaled per pattern. "
-                 "Any wavelength whose 2θ range covers q_range.",
+        "input": "2θ at the caller's wavelength → Q = 4π sin θ / λ; counts convolved to the "
+                 "Q resolution resolution_q_fwhm from the caller's instrument_fwhm (degrees "
+                 "2θ; default instrument_fwhm_deg); PCHIP spline of the cumulative counts "
+                 "differenced on 256 Q bins; min-max scaled per pattern. Any wavelength "
+                 "whose 2θ range covers q_range.",
         "wavelength": float(wavelength),
+        "resolution_q_fwhm": data.resolution,
+        "instrument_fwhm_deg": float(data.instrument_fwhm),
         "two_theta": [float(np.min(two_theta)), float(np.max(two_theta)), int(np.size(two_theta))],
         "modes": list(am.MODES), "rates": list(data.rates),
         "rate_labels": [f"{r:g}C" for r in data.rates],
@@ -290,7 +328,9 @@ def train(data: Dataset, out: str | Path, *, q_range, wavelength: float, two_the
         "training": {"epochs": history[-1]["epoch"] if history else 0, "batch": batch,
                      "lr": lr, "optimizer": "AdamW, warm-up + cosine",
                      "loss": f"logcosh(voltage) + 0.1 NLL(variance) + {W_MODE} CE(mode) + "
-                             f"{W_RATE} CE(rate), class-balanced",
+                             f"{W_RATE} CE(rate), class-balanced"
+                             + (f" + {vaw_penalty} mean(VAW)" if vaw_penalty else ""),
+                     "augment_tilt": augment, "vaw_penalty": vaw_penalty,
                      "split": "by cycle", "train_cycles": sorted(map(int, np.unique(
                          train_set.cycle))), "validation_cycles": sorted(map(int, np.unique(
                              val_set.cycle))),
@@ -310,36 +350,22 @@ def train(data: Dataset, out: str | Path, *, q_range, wavelength: float, two_the
 # --- data sources ----------------------------------------------------------------------
 def simulated_dataset(cycles: int = 10, rates=(1.0, 0.2), *, interval: float = 60.0,
                       seed: int = 0, settings=None, q_range=None, first_cycle: int = 0,
-                      fwhm_range: tuple[float, float] | None = None):
-    """(dataset, run) of ``cycles`` simulated cycles; ``q_range`` defaults to the Q span of
-    the detector's 2θ grid. ``fwhm_range`` (degrees): each cycle gets its own instrumental
-    FWHM, log-uniform in that range (instruments differ; a model should not read the
-    C-rate from the instrument's resolution)."""
-    import dataclasses
+                      resolution: float | None = DEFAULT_RESOLUTION):
+    """(dataset, run, q_range) of ``cycles`` simulated cycles, brought to ``resolution``
+    (Å⁻¹ FWHM) from the simulated instrument's FWHM; ``q_range`` defaults to the Q span of
+    the detector's 2θ grid."""
+    from ..simulation.operando import PatternSettings, simulate_run
 
-    from ..simulation.operando import PatternSettings, cycling_protocol, simulate_run
-
+    settings = settings or PatternSettings()
     all_rates = sorted(set(map(float, _flat(rates))), reverse=True)
-    if fwhm_range is None:
-        run = simulate_run(cycles, rates, interval=interval, seed=seed, settings=settings,
-                           first_cycle=first_cycle)
-    else:
-        rng = np.random.default_rng(seed + 31)
-        base = settings or PatternSettings()
-        parts = []
-        for i, pair in enumerate(cycling_protocol(cycles, rates)):
-            fwhm = float(np.exp(rng.uniform(*np.log(fwhm_range))))
-            parts.append(simulate_run(1, [pair], interval=interval, seed=seed + 101 * i,
-                                      settings=dataclasses.replace(base, instrument_fwhm=fwhm),
-                                      first_cycle=first_cycle + i))
-        run = dataclasses.replace(parts[0], **{
-            k: np.concatenate([getattr(p, k) for p in parts])
-            for k in ("patterns", "voltage", "mode", "rate", "cycle", "time", "soc")})
+    run = simulate_run(cycles, rates, interval=interval, seed=seed, settings=settings,
+                       first_cycle=first_cycle)
     if q_range is None:
         q = am.q_of(run.two_theta[[0, -1]], run.wavelength)
         q_range = (float(q[0]), float(q[1]))
     data = make_dataset(run.patterns, run.two_theta, run.wavelength, run.voltage, run.mode,
-                        run.rate, run.cycle, q_range, rates=all_rates)
+                        run.rate, run.cycle, q_range, rates=all_rates,
+                        instrument_fwhm=settings.instrument_fwhm, resolution=resolution)
     return data, run, q_range
 
 
@@ -353,9 +379,11 @@ def _flat(rates):
 
 def runs_dataset(catalog_uri: str, uids: list[str], *, pattern: str, voltage: str, mode: str,
                  rate: str, cycle: str | None = None, two_theta=None,
-                 wavelength: float | None = None, log=print):
+                 wavelength: float | None = None, instrument_fwhm: float | None = None,
+                 log=print):
     """Patterns and labels of archived runs' primary streams (one cycle numbering across
-    runs) → (patterns, two_theta, wavelength, voltage, mode, rate, cycle)."""
+    runs) → (patterns, two_theta, wavelength, voltage, mode, rate, cycle, instrument FWHM in
+    degrees 2θ: the argument, else the configuration's ``instrument_fwhm``, else 0)."""
     from .. import catalog
     from ..archive import ArchivedRun
 
@@ -384,6 +412,9 @@ def runs_dataset(catalog_uri: str, uids: list[str], *, pattern: str, voltage: st
             tt = next((v for k, v in config.items() if k.endswith("two_theta")), None)
         if wl is None:
             wl = next((v for k, v in config.items() if k.endswith("wavelength")), None)
+        if instrument_fwhm is None:
+            instrument_fwhm = next((float(v) for k, v in config.items()
+                                    if k.endswith("instrument_fwhm")), None)
         if tt is None or wl is None:
             raise ValueError(f"run {uid}: no 2θ axis or wavelength in the descriptor's "
                              "configuration; pass --two-theta START:STOP:N and --wavelength")
@@ -415,8 +446,11 @@ def runs_dataset(catalog_uri: str, uids: list[str], *, pattern: str, voltage: st
         offset = int(c.max()) + 1
         cs.append(c)
         log(f"run {uid[:8]}: {len(y)} patterns, {len(np.unique(c))} cycles")
+    if instrument_fwhm is None:
+        log("no instrument FWHM in the runs' configuration or --instrument-fwhm: peaks are "
+            "taken as measured (instrument FWHM 0)")
     return (np.concatenate(ys), tt_all, wl_all, np.concatenate(vs), np.concatenate(ms),
-            np.concatenate(rs), np.concatenate(cs))
+            np.concatenate(rs), np.concatenate(cs), float(instrument_fwhm or 0.0))
 
 
 def parse_two_theta(spec: str | None):
@@ -456,9 +490,22 @@ def train_attention_command(
     rates: Annotated[str, typer.Option(help="simulated C-rates per cycle, comma-separated "
                                        "(--simulate)")] = "1,0.2",
     interval: Annotated[float, typer.Option(help="simulated seconds between patterns")] = 60.0,
-    fwhm: Annotated[str, typer.Option(
-        help="simulated instrumental FWHM in degrees: one value, or MIN,MAX for a different "
-             "one per cycle (log-uniform)")] = "0.08",
+    fwhm: Annotated[float, typer.Option(
+        help="simulated instrumental FWHM in degrees 2θ (--simulate)")] = 0.08,
+    instrument_fwhm: Annotated[float | None, typer.Option(
+        help="your instrument's FWHM in degrees 2θ when the runs' configuration has no "
+             "'instrument_fwhm' (--from-runs; default 0: peaks taken as measured)")] = None,
+    resolution: Annotated[float, typer.Option(
+        help="common Q resolution (Å⁻¹ FWHM) every pattern is brought to before the network, "
+             "so that the model reads other wavelengths and instruments; must be coarser "
+             "than every instrument you will use it on; 0: none")] = DEFAULT_RESOLUTION,
+    augment: Annotated[float, typer.Option(
+        help="strength of a random smooth intensity tilt over Q applied to training inputs "
+             "(relative peak heights change between instruments and wavelengths); 0: none")
+    ] = 0.0,
+    vaw_penalty: Annotated[float, typer.Option(
+        help="λ of a sparsity prior on the attention (λ × mean VAW) in the loss; 0: none")
+    ] = 0.0,
     epochs: Annotated[int, typer.Option(help="passes over the training cycles")] = 25,
     minutes: Annotated[float | None, typer.Option(help="stop after this many minutes")] = None,
     batch: Annotated[int, typer.Option(help="patterns per step")] = 64,
@@ -481,38 +528,38 @@ def train_attention_command(
             raise ValueError(f"unexpected argument(s) {more_uids}: uids follow --from-runs")
         if simulate:
             rate_list = [float(r) for r in rates.split(",") if r.strip()]
-            widths = [float(w) for w in fwhm.split(",") if w.strip()]
-            if len(widths) not in (1, 2) or min(widths) <= 0:
-                raise ValueError(f"--fwhm {fwhm!r}: one width or MIN,MAX in degrees, > 0")
+            if fwhm <= 0:
+                raise ValueError(f"--fwhm {fwhm}: a width in degrees, > 0")
             console.print(f"simulating {cycles} cycles at {rate_list} C …")
             from ..simulation.operando import PatternSettings
 
             data, run, q_range = simulated_dataset(
                 cycles, rate_list, interval=interval, seed=seed,
-                settings=PatternSettings(instrument_fwhm=widths[0]),
-                fwhm_range=tuple(widths) if len(widths) == 2 else None)
+                settings=PatternSettings(instrument_fwhm=fwhm), resolution=resolution or None)
             tt, wl = run.two_theta, run.wavelength
             source = {"simulated": {"cycles": cycles, "rates": rate_list, "interval_s": interval,
-                                    "seed": seed, "instrument_fwhm_deg": widths}}
+                                    "seed": seed, "instrument_fwhm_deg": fwhm}}
         else:
             if not catalog_uri:
                 raise ValueError("--from-runs needs --catalog URI (the Tiled server of the runs)")
             uids = [u for arg in [*from_runs, *(more_uids or [])]
                     for u in arg.replace(",", " ").split()]
-            y, tt, wl, v, m, r, c = runs_dataset(
+            y, tt, wl, v, m, r, c, width = runs_dataset(
                 catalog_uri, uids, pattern=pattern, voltage=voltage, mode=mode, rate=rate,
                 cycle=cycle, two_theta=parse_two_theta(two_theta), wavelength=wavelength,
-                log=console.print)
+                instrument_fwhm=instrument_fwhm, log=console.print)
             q = am.q_of(np.asarray(tt)[[0, -1]], wl)
             q_range = (float(q[0]), float(q[1]))
-            data = make_dataset(y, tt, wl, v, m, r, c, q_range)
+            data = make_dataset(y, tt, wl, v, m, r, c, q_range, instrument_fwhm=width,
+                                resolution=resolution or None)
             source = {"runs": uids, "catalog": catalog_uri.split("?")[0],
                       "keys": {"pattern": pattern, "voltage": voltage, "mode": mode,
                                "rate": rate, "cycle": cycle}}
         card = train(data, out, q_range=q_range, wavelength=wl, two_theta=tt, epochs=epochs,
                      batch=batch, minutes=minutes, seed=seed,
                      n_validation_cycles=validation_cycles, name=name, version=version,
-                     source=source, log=console.print)
+                     source=source, augment=augment, vaw_penalty=vaw_penalty,
+                     log=console.print)
     except (ValueError, am.PatternError) as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(2) from None
