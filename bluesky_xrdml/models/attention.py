@@ -19,8 +19,7 @@ instrument's). Inputs whose instrument is already coarser than ``R`` cannot be s
 ``prepare`` warns (``ResolutionWarning``).
 
 Network (``AttentionNet``), as in the paper: ten 1D convolutions of 32 filters with four
-kernel sizes (on the pattern plus, with ``q_channel``, a channel holding each bin's Q, so
-that a query knows which d-spacing it looks at), ReLU, batch normalisation at the 7th; single-head attention with QUERY = the
+kernel sizes, ReLU, batch normalisation at the 7th; single-head attention with QUERY = the
 6th layer's output and KEY = VALUE = the 10th's: ``weights = softmax(Q·Kᵀ)`` (256 × 256),
 ``combination = tanh(weights · V)``; one head per task on the combination:
 
@@ -62,9 +61,10 @@ DEFAULT_ARCH = {
     "attention_scale": 1.0,  # the paper's softmax(Q·Kᵀ); 1/sqrt(channels) would be "scaled"
     "head_channels": 4,  # 1×1 convolution of the combination before each head's MLP
     "hidden": 64,
-    # a second input channel holding each bin's Q (scaled to [-1, 1]): the d-spacing
-    # information the paper found missing when its attention lit the static Al peak
-    "q_channel": True,
+    # a learned weight per Q bin on the query (sigmoid of a logit): the conv query sees a few
+    # bins and cannot tell a static peak from a moving one of the same shape; with the
+    # sparsity priors of training the gate learns which d-spacings need a query at all
+    "query_gate": False,
 }
 
 
@@ -87,9 +87,7 @@ class AttentionNet(nn.Module):
         self.arch = arch
         ch = int(arch["channels"])
         self.convs = nn.ModuleList()
-        cin = 2 if arch["q_channel"] else 1
-        self.register_buffer("q_coord", torch.linspace(-1.0, 1.0, n_points)[None, None, :],
-                             persistent=False)
+        cin = 1
         for k in arch["kernels"]:
             conv = nn.Conv1d(cin, ch, int(k), padding=int(k) // 2)
             # He initialisation: ten ReLU layers on a sparse pattern keep their signal
@@ -98,6 +96,8 @@ class AttentionNet(nn.Module):
             self.convs.append(conv)
             cin = ch
         self.bn = nn.BatchNorm1d(ch)
+        if arch["query_gate"]:
+            self.gate_logit = nn.Parameter(torch.zeros(n_points))
         hc, hidden = int(arch["head_channels"]), int(arch["hidden"])
 
         def head(n_out):
@@ -113,21 +113,22 @@ class AttentionNet(nn.Module):
         """(query (N, L, C), key = value (N, L, C))."""
         a = self.arch
         query = None
-        h = torch.cat([x, self.q_coord.expand(len(x), 1, -1)], 1) if a["q_channel"] else x
+        h = x
         for i, conv in enumerate(self.convs, start=1):
             h = conv(h)
             if i == a["batchnorm_layer"]:
                 h = self.bn(h)
             h = torch.relu(h)
             if i == a["query_layer"]:
-                query = h
+                query = h * torch.sigmoid(self.gate_logit) if a["query_gate"] else h
         return query.transpose(1, 2), h.transpose(1, 2)
 
-    def forward(self, x):
+    def forward(self, x, with_query: bool = False):
         q, kv = self.features(x)
         weights = torch.softmax(self.arch["attention_scale"] * q @ kv.transpose(1, 2), dim=-1)
         comb = torch.tanh(weights @ kv).transpose(1, 2)  # (N, C, L)
-        return self.voltage_head(comb), self.mode_head(comb), self.rate_head(comb), weights
+        out = self.voltage_head(comb), self.mode_head(comb), self.rate_head(comb), weights
+        return (*out, q) if with_query else out
 
 
 def n_parameters(module: nn.Module) -> int:
@@ -366,7 +367,6 @@ class AttentionPredictor:
 
 def from_tensors(state: dict, card: dict) -> AttentionNet:
     arch = {k: v for k, v in card.get("architecture", {}).items() if k in DEFAULT_ARCH}
-    arch.setdefault("q_channel", False)  # cards written before the Q channel existed
     net = AttentionNet(len(card["rates"]), arch, int(card.get("n_points", N_POINTS)))
     net.load_state_dict(state)
     return net

@@ -250,6 +250,9 @@ class PatternSettings:
     weights: dict = field(default_factory=lambda: {"NMC": 1.0, "carbon": 0.7, "Al": 0.35})
     counts: float = 2e5  # integrated diffracted counts of a pattern
     background: float = 0.4  # share of the counts in the smooth background
+    # log-normal σ of each layer's (NMC, carbon, Al) weight, drawn per pattern: how much of
+    # each layer the beam crosses changes with the footprint, swelling and the cell
+    loading_spread: float = 0.0
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "two_theta": list(self.two_theta)}
@@ -288,20 +291,22 @@ class OperandoPatterns:
         g = np.clip(np.asarray(soc_graphite, float)[:, None] + spread, 0.0, 1.0)
         return s, g
 
-    def expected(self, soc, soc_graphite, sign, rate) -> np.ndarray:
+    def expected(self, soc, soc_graphite, sign, rate, loading=None) -> np.ndarray:
         """Noise-free patterns (N, M) of integrated counts ``settings.counts`` (diffraction)
-        without background."""
+        without background. ``loading`` (N, 3): factors on the NMC, carbon and Al weights."""
         n = len(np.atleast_1d(soc))
+        loading = np.ones((n, 3)) if loading is None else np.asarray(loading, float)
         out = np.zeros((n, self.two_theta.size))
         for start in range(0, n, self.CHUNK):
             sl = slice(start, min(n, start + self.CHUNK))
             out[sl] = self._chunk(*(np.atleast_1d(v)[sl] for v in (soc, soc_graphite, sign,
-                                                                    rate)))
+                                                                    rate)), loading[sl])
         return out
 
-    def _chunk(self, soc, soc_graphite, sign, rate):
+    def _chunk(self, soc, soc_graphite, sign, rate, loading):
         st = self.settings
-        w = st.weights
+        w_nmc, w_c, w_al = (st.weights[k] * loading[:, i, None]
+                            for i, k in enumerate(("NMC", "carbon", "Al")))
         s, g = self.particle_states(soc, soc_graphite, sign, rate)
         n, k = s.shape
         a, c = nmc_lattice(1.0 - 0.66 * s.ravel())
@@ -311,9 +316,9 @@ class OperandoPatterns:
         gra = self.sim.phase_pattern("graphite", np.stack([a_g, c_g], 1), st.size_nm["graphite"])
         carbon = ((1 - f12 - f6)[:, None] * gra + f12[:, None] * self._fixed["LiC12"]
                   + f6[:, None] * self._fixed["LiC6"])
-        total = w["NMC"] + w["carbon"] + w["Al"]
-        unit = (w["NMC"] * nmc + w["carbon"] * carbon).reshape(n, k, -1).mean(axis=1)
-        unit = (unit + w["Al"] * self._fixed["Al"][None]) / total
+        unit = (w_nmc * nmc.reshape(n, k, -1).mean(axis=1)
+                + w_c * carbon.reshape(n, k, -1).mean(axis=1) + w_al * self._fixed["Al"][None])
+        unit /= w_nmc + w_c + w_al
         return st.counts * self.sim.step * unit
 
     def background(self, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -323,7 +328,10 @@ class OperandoPatterns:
 
     def measure(self, soc, soc_graphite, sign, rate, rng: np.random.Generator) -> np.ndarray:
         """Poisson-noisy patterns (N, M) float32: diffraction + smooth background."""
-        expected = self.expected(soc, soc_graphite, sign, rate)
+        n = len(np.atleast_1d(soc))
+        spread = self.settings.loading_spread
+        loading = np.exp(spread * rng.standard_normal((n, 3))) if spread > 0 else None
+        expected = self.expected(soc, soc_graphite, sign, rate, loading)
         expected += self.background(len(expected), rng)
         return rng.poisson(np.clip(expected, 0, None)).astype(np.float32)
 
@@ -382,7 +390,8 @@ def simulate_run(cycles: int, rates, *, interval: float = 60.0, seed: int = 0,
 def moving_peaks(soc, wavelength: float) -> dict[str, np.ndarray]:
     """2θ (degrees) of the reflections that move with state of charge — NMC 003 and 101
     (hexagonal indices), the carbon 00l peak (graphite 002 / LiC12 002 / LiC6 001, whichever
-    dominates) — and of Al 111, which does not; each (N,). For attention checks."""
+    dominates) — and of Al 111, which does not; each (N,). Also NMC 012, which moves and
+    overlaps Al 111 in the discharged state. For attention checks."""
     soc = np.asarray(soc, float)
     a, c = nmc_lattice(1.0 - 0.66 * soc)
 
@@ -390,7 +399,10 @@ def moving_peaks(soc, wavelength: float) -> dict[str, np.ndarray]:
         return np.degrees(2 * np.arcsin(wavelength / (2 * np.asarray(d, float))))
 
     d101 = 1.0 / np.sqrt(4 / (3 * a**2) + 1 / c**2)
+    d012 = 1.0 / np.sqrt(4 / (3 * a**2) + 4 / c**2)
     c_g, f12, f6 = graphite_state(0.02 + 0.95 * soc)
     d_c = np.where(f6 > 0.5, 3.706, np.where(f12 > 0, 3.53, c_g / 2))
     return {"NMC 003": tt(c / 3), "NMC 101": tt(d101), "C 00l": tt(d_c),
-            "Al 111": np.full_like(soc, tt(4.0495 / np.sqrt(3)))}
+            "Al 111": np.full_like(soc, tt(4.0495 / np.sqrt(3))),
+            # weak, and at x_NMC ≈ 1 on top of Al 111 (d 2.339 vs 2.338 Å)
+            "NMC 012": tt(d012)}

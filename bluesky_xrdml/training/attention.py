@@ -27,6 +27,7 @@ from ..models import weights as weights_io
 from .progress import TrainingProgress
 
 W_MODE, W_RATE = 0.3, 0.3
+GATE_LR_SCALE = 20.0
 # the common Q resolution (Å⁻¹ FWHM) patterns are brought to before the network: coarser
 # than a 0.08° 2θ detector at Cu Kα (0.0055) and at Mo Kα (0.012), so one model reads both
 DEFAULT_RESOLUTION = 0.015
@@ -185,13 +186,20 @@ def tilt(x: torch.Tensor, gen: torch.Generator, strength: float) -> torch.Tensor
 def fit(net: am.AttentionNet, train: Dataset, norm: tuple[float, float], *, epochs: int,
         batch: int = 64, lr: float = 2e-3, minutes: float | None = None, seed: int = 0,
         validation: Dataset | None = None, augment: float = 0.0, vaw_penalty: float = 0.0,
-        log=print, progress: bool = True) -> list[dict]:
+        query_penalty: float = 0.0, log=print, progress: bool = True) -> list[dict]:
     """Train ``net`` on ``train``; one history entry per epoch. ``augment``: strength of the
     random intensity tilt (``tilt``; 0 = none). ``vaw_penalty``: λ of a sparsity prior on
     the attention, λ × the mean VAW (a query that needs no particular key then spreads its
-    attention instead of fixing on one)."""
+    attention instead of fixing on one). ``query_penalty``: λ of an L1 prior on the queries
+    (the VAW saturates at 1 where a query fixes on a key, and its gradient with it; the
+    query's size does not)."""
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    # the query gate's logits get one small gradient each (a per-bin weight): a larger step
+    gate = [p for n, p in net.named_parameters() if n == "gate_logit"]
+    rest = [p for n, p in net.named_parameters() if n != "gate_logit"]
+    opt = torch.optim.AdamW([{"params": rest, "lr_scale": 1.0},
+                             {"params": gate, "lr_scale": GATE_LR_SCALE, "weight_decay": 0.0}],
+                            lr=lr, weight_decay=1e-4)
     x = torch.from_numpy(train.x)[:, None, :]
     v = torch.from_numpy(((train.voltage - norm[0]) / norm[1]).astype(np.float32))
     m, r = torch.from_numpy(train.mode), torch.from_numpy(train.rate)
@@ -215,14 +223,16 @@ def fit(net: am.AttentionNet, train: Dataset, norm: tuple[float, float], *, epoc
                 if prog >= 1.0:
                     break
                 for g in opt.param_groups:
-                    g["lr"] = lr * _lr_factor(prog)
+                    g["lr"] = lr * g["lr_scale"] * _lr_factor(prog)
                 idx = perm[b * batch:(b + 1) * batch]
                 xb = tilt(x[idx], gen, augment) if augment > 0 else x[idx]
-                out = net(xb)
-                terms = loss_terms(out, v[idx], m[idx], r[idx], mode_w, rate_w)
+                out = net(xb, with_query=True)
+                terms = loss_terms(out[:4], v[idx], m[idx], r[idx], mode_w, rate_w)
                 loss = terms[0] + 0.1 * terms[1] + W_MODE * terms[2] + W_RATE * terms[3]
                 if vaw_penalty > 0:
                     loss = loss + vaw_penalty * out[3].amax(dim=-1).mean()
+                if query_penalty > 0:  # the queries are ReLU outputs: their mean is their L1
+                    loss = loss + query_penalty * out[4].mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
@@ -287,8 +297,8 @@ def train(data: Dataset, out: str | Path, *, q_range, wavelength: float, two_the
           epochs: int = 30, batch: int = 64, lr: float = 2e-3, minutes: float | None = None,
           seed: int = 0, arch: dict | None = None, n_validation_cycles: int = 2,
           name: str | None = None, version: str = "1.0", source: dict | None = None,
-          augment: float = 0.0, vaw_penalty: float = 0.0, log=print,
-          progress: bool = True) -> dict:
+          augment: float = 0.0, vaw_penalty: float = 0.0, query_penalty: float = 0.0,
+          log=print, progress: bool = True) -> dict:
     """Train on ``data`` (split by cycle), calibrate σ on the held-out cycles, save weights,
     card and loss curves at ``out`` (.safetensors, .json, .png). Returns the card."""
     t_start = time.monotonic()
@@ -303,7 +313,7 @@ def train(data: Dataset, out: str | Path, *, q_range, wavelength: float, two_the
         f"({len(np.unique(val_set.cycle))} cycles); rates {data.rates} C")
     history = fit(net, train_set, norm, epochs=epochs, batch=batch, lr=lr, minutes=minutes,
                   seed=seed, validation=val_set, augment=augment, vaw_penalty=vaw_penalty,
-                  log=log, progress=progress)
+                  query_penalty=query_penalty, log=log, progress=progress)
     card = {
         "model": am.NAME, "name": name or out.stem, "version": version,
         "q_range": [float(q_range[0]), float(q_range[1])], "n_points": am.N_POINTS,
@@ -329,8 +339,10 @@ def train(data: Dataset, out: str | Path, *, q_range, wavelength: float, two_the
                      "lr": lr, "optimizer": "AdamW, warm-up + cosine",
                      "loss": f"logcosh(voltage) + 0.1 NLL(variance) + {W_MODE} CE(mode) + "
                              f"{W_RATE} CE(rate), class-balanced"
-                             + (f" + {vaw_penalty} mean(VAW)" if vaw_penalty else ""),
+                             + (f" + {vaw_penalty} mean(VAW)" if vaw_penalty else "")
+                             + (f" + {query_penalty} mean(query)" if query_penalty else ""),
                      "augment_tilt": augment, "vaw_penalty": vaw_penalty,
+                     "query_penalty": query_penalty,
                      "split": "by cycle", "train_cycles": sorted(map(int, np.unique(
                          train_set.cycle))), "validation_cycles": sorted(map(int, np.unique(
                              val_set.cycle))),
@@ -492,6 +504,9 @@ def train_attention_command(
     interval: Annotated[float, typer.Option(help="simulated seconds between patterns")] = 60.0,
     fwhm: Annotated[float, typer.Option(
         help="simulated instrumental FWHM in degrees 2θ (--simulate)")] = 0.08,
+    loading_spread: Annotated[float, typer.Option(
+        help="simulated log-normal σ of each layer's (NMC, carbon, Al) weight per pattern "
+             "(--simulate); relative peak heights then tell less")] = 0.0,
     instrument_fwhm: Annotated[float | None, typer.Option(
         help="your instrument's FWHM in degrees 2θ when the runs' configuration has no "
              "'instrument_fwhm' (--from-runs; default 0: peaks taken as measured)")] = None,
@@ -506,6 +521,9 @@ def train_attention_command(
     vaw_penalty: Annotated[float, typer.Option(
         help="λ of a sparsity prior on the attention (λ × mean VAW) in the loss; 0: none")
     ] = 0.0,
+    query_penalty: Annotated[float, typer.Option(
+        help="λ of an L1 prior on the attention queries (λ × mean query) in the loss; "
+             "0: none")] = 0.0,
     epochs: Annotated[int, typer.Option(help="passes over the training cycles")] = 25,
     minutes: Annotated[float | None, typer.Option(help="stop after this many minutes")] = None,
     batch: Annotated[int, typer.Option(help="patterns per step")] = 64,
@@ -535,10 +553,12 @@ def train_attention_command(
 
             data, run, q_range = simulated_dataset(
                 cycles, rate_list, interval=interval, seed=seed,
-                settings=PatternSettings(instrument_fwhm=fwhm), resolution=resolution or None)
+                settings=PatternSettings(instrument_fwhm=fwhm, loading_spread=loading_spread),
+                resolution=resolution or None)
             tt, wl = run.two_theta, run.wavelength
             source = {"simulated": {"cycles": cycles, "rates": rate_list, "interval_s": interval,
-                                    "seed": seed, "instrument_fwhm_deg": fwhm}}
+                                    "seed": seed, "instrument_fwhm_deg": fwhm,
+                                    "loading_spread": loading_spread}}
         else:
             if not catalog_uri:
                 raise ValueError("--from-runs needs --catalog URI (the Tiled server of the runs)")
@@ -559,7 +579,7 @@ def train_attention_command(
                      batch=batch, minutes=minutes, seed=seed,
                      n_validation_cycles=validation_cycles, name=name, version=version,
                      source=source, augment=augment, vaw_penalty=vaw_penalty,
-                     log=console.print)
+                     query_penalty=query_penalty, log=console.print)
     except (ValueError, am.PatternError) as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(2) from None
