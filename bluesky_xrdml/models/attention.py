@@ -52,19 +52,20 @@ MODES = ("charge", "discharge")
 
 DEFAULT_ARCH = {
     "channels": 32,
-    # ten layers, four kernel sizes: small ones up to the query (layer 6 sees ±3 bins, so the
-    # VAW says where), wider ones after it (keys and values see ±13 bins of context)
-    "kernels": [1, 3, 1, 3, 1, 3, 5, 7, 5, 7],
+    # ten layers, four kernel sizes: 1×1 up to the query but for the 6th layer's 3, so a
+    # query sees ±1 bin (±0.1° at Cu Kα: the VAW says where to within a bin and does not
+    # light a peak's flanks); wider ones after it (keys and values see ±11 bins of context)
+    "kernels": [1, 1, 1, 1, 1, 3, 5, 7, 5, 7],
     "batchnorm_layer": 7,  # 1-based
     "query_layer": 6,
     "key_layer": 10,
     "attention_scale": 1.0,  # the paper's softmax(Q·Kᵀ); 1/sqrt(channels) would be "scaled"
     "head_channels": 4,  # 1×1 convolution of the combination before each head's MLP
     "hidden": 64,
-    # a learned weight per Q bin on the query (sigmoid of a logit): the conv query sees a few
-    # bins and cannot tell a static peak from a moving one of the same shape; with the
-    # sparsity priors of training the gate learns which d-spacings need a query at all
-    "query_gate": False,
+    # a learned weight per Q bin on the query (sigmoid of a logit, 0.5 at the start): a query
+    # that sees a few bins cannot tell a static peak from a moving one of the same shape;
+    # with the sparsity priors of training the gate learns which d-spacings need a query
+    "query_gate": True,
 }
 
 
@@ -367,6 +368,7 @@ class AttentionPredictor:
 
 def from_tensors(state: dict, card: dict) -> AttentionNet:
     arch = {k: v for k, v in card.get("architecture", {}).items() if k in DEFAULT_ARCH}
+    arch.setdefault("query_gate", False)  # cards written before the gate existed
     net = AttentionNet(len(card["rates"]), arch, int(card.get("n_points", N_POINTS)))
     net.load_state_dict(state)
     return net

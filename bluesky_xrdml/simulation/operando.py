@@ -250,9 +250,6 @@ class PatternSettings:
     weights: dict = field(default_factory=lambda: {"NMC": 1.0, "carbon": 0.7, "Al": 0.35})
     counts: float = 2e5  # integrated diffracted counts of a pattern
     background: float = 0.4  # share of the counts in the smooth background
-    # log-normal σ of each layer's (NMC, carbon, Al) weight, drawn per pattern: how much of
-    # each layer the beam crosses changes with the footprint, swelling and the cell
-    loading_spread: float = 0.0
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "two_theta": list(self.two_theta)}
@@ -291,22 +288,20 @@ class OperandoPatterns:
         g = np.clip(np.asarray(soc_graphite, float)[:, None] + spread, 0.0, 1.0)
         return s, g
 
-    def expected(self, soc, soc_graphite, sign, rate, loading=None) -> np.ndarray:
+    def expected(self, soc, soc_graphite, sign, rate) -> np.ndarray:
         """Noise-free patterns (N, M) of integrated counts ``settings.counts`` (diffraction)
-        without background. ``loading`` (N, 3): factors on the NMC, carbon and Al weights."""
+        without background."""
         n = len(np.atleast_1d(soc))
-        loading = np.ones((n, 3)) if loading is None else np.asarray(loading, float)
         out = np.zeros((n, self.two_theta.size))
         for start in range(0, n, self.CHUNK):
             sl = slice(start, min(n, start + self.CHUNK))
             out[sl] = self._chunk(*(np.atleast_1d(v)[sl] for v in (soc, soc_graphite, sign,
-                                                                    rate)), loading[sl])
+                                                                    rate)))
         return out
 
-    def _chunk(self, soc, soc_graphite, sign, rate, loading):
+    def _chunk(self, soc, soc_graphite, sign, rate):
         st = self.settings
-        w_nmc, w_c, w_al = (st.weights[k] * loading[:, i, None]
-                            for i, k in enumerate(("NMC", "carbon", "Al")))
+        w = st.weights
         s, g = self.particle_states(soc, soc_graphite, sign, rate)
         n, k = s.shape
         a, c = nmc_lattice(1.0 - 0.66 * s.ravel())
@@ -316,9 +311,9 @@ class OperandoPatterns:
         gra = self.sim.phase_pattern("graphite", np.stack([a_g, c_g], 1), st.size_nm["graphite"])
         carbon = ((1 - f12 - f6)[:, None] * gra + f12[:, None] * self._fixed["LiC12"]
                   + f6[:, None] * self._fixed["LiC6"])
-        unit = (w_nmc * nmc.reshape(n, k, -1).mean(axis=1)
-                + w_c * carbon.reshape(n, k, -1).mean(axis=1) + w_al * self._fixed["Al"][None])
-        unit /= w_nmc + w_c + w_al
+        total = w["NMC"] + w["carbon"] + w["Al"]
+        unit = (w["NMC"] * nmc + w["carbon"] * carbon).reshape(n, k, -1).mean(axis=1)
+        unit = (unit + w["Al"] * self._fixed["Al"][None]) / total
         return st.counts * self.sim.step * unit
 
     def background(self, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -328,10 +323,7 @@ class OperandoPatterns:
 
     def measure(self, soc, soc_graphite, sign, rate, rng: np.random.Generator) -> np.ndarray:
         """Poisson-noisy patterns (N, M) float32: diffraction + smooth background."""
-        n = len(np.atleast_1d(soc))
-        spread = self.settings.loading_spread
-        loading = np.exp(spread * rng.standard_normal((n, 3))) if spread > 0 else None
-        expected = self.expected(soc, soc_graphite, sign, rate, loading)
+        expected = self.expected(soc, soc_graphite, sign, rate)
         expected += self.background(len(expected), rng)
         return rng.poisson(np.clip(expected, 0, None)).astype(np.float32)
 
