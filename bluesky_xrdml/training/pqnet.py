@@ -213,7 +213,7 @@ def evaluate(pred: dict, truth: dict, fraction: np.ndarray, present: np.ndarray,
 def predictions(ds) -> dict:
     """An ``xarray.Dataset`` from ``PQNetPredictor.predict`` → name -> (mean, std)."""
     return {k: (ds[k].values, ds[f"{k}_std"].values) for k in ds.data_vars
-            if not k.endswith("_std")}
+            if not k.endswith("_std") and f"{k}_std" in ds and ds[k].ndim == 2}
 
 
 def calibrate(predictor: pq.PQNetPredictor, sim: PowderSimulator, sample: Sample,
@@ -234,6 +234,34 @@ def calibrate(predictor: pq.PQNetPredictor, sim: PowderSimulator, sample: Sample
         scales[key] = float(np.quantile(z, target)) if z.size else 1.0
     predictor.std_scale = scales
     return scales
+
+
+def calibrate_refinement(predictor: pq.PQNetPredictor, sim: PowderSimulator, sample: Sample,
+                         target: float = 0.95, **options) -> dict:
+    """Per-output factors on the refinement's covariance standard deviations (like
+    ``calibrate`` for the ensemble) so that ``target`` of held-out truths lie within ±2σ:
+    lattice, size and fraction over the refined phases with fraction ≥ ``METRIC_FRACTION``,
+    scale over every refined phase. Sets the predictor's card ``refinement`` entry
+    (``std_scale``, ``n_patterns``, ``options``) and returns it."""
+    predictor.card["refinement"] = {"std_scale": {}}
+    predictor._refiners = None
+    ds = predictor.refine(sample.counts, **options)
+    pred = predictions(ds)
+    truth = truth_arrays(sim, sample)
+    use = ds["refined"].values
+    sel = use & sample.present & (sample.fraction >= METRIC_FRACTION)
+    scales = {}
+    for key, (mu, sd) in pred.items():
+        if key not in truth:
+            continue
+        ok = (use if key == "scale" else sel) & np.isfinite(truth[key]) & (sd > 0)
+        z = np.abs(mu - truth[key])[ok] / (2 * sd[ok])
+        scales[key] = float(np.quantile(z, target)) if z.size else 1.0
+    entry = {"std_scale": scales, "n_patterns": int(len(sample.counts)),
+             "target_coverage_2sigma": target, "options": dict(options)}
+    predictor.card["refinement"] = entry
+    predictor._refiners = None
+    return entry
 
 
 def presence_metrics(probability: np.ndarray, fraction: np.ndarray, present: np.ndarray,
