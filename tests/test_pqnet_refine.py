@@ -12,7 +12,7 @@ from bluesky_xrdml.analysis.refine import Refinement
 from bluesky_xrdml.callbacks.phases import PhaseQuantification
 from bluesky_xrdml.callbacks.xrdml import XRDMLCallback
 from bluesky_xrdml.simulation.instrument import Instrument
-from bluesky_xrdml.simulation.powder import Effects, PowderSimulator
+from bluesky_xrdml.simulation.powder import Effects, PowderSimulator, Ranges
 from bluesky_xrdml.simulation.structures import oxide_structures
 
 one_thread = test_pqnet_measured.one_thread  # fixtures: one torch thread, the shipped model
@@ -88,8 +88,6 @@ def test_real_ceo2_refined_stays_ceo2_and_its_lattice_is_the_certified_one(oxide
 
 
 def test_refined_is_closer_to_the_truth_than_the_network_alone(oxides):
-    from bluesky_xrdml.simulation.powder import Ranges
-
     sim = oxides.simulator
     ranges = Ranges.from_dict(oxides.card["ranges"])
     test = sim.sample(24, np.random.default_rng(11), ranges, exact=True)
@@ -121,3 +119,48 @@ def test_callback_refines_when_asked_and_says_so(oxides, collector):
     rows = collector.stream("phases")
     assert rows[0]["CeO2_lattice_a"] == pytest.approx(CERTIFIED_A, abs=0.002)
     assert rows[0]["CeO2_fraction"] >= 0.95
+
+
+def test_march_dollase_plates_lift_00l_and_absorption_lifts_high_angles():
+    from bluesky_xrdml.simulation.powder import capillary_absorption
+
+    sim = PowderSimulator(oxide_structures(["ZnO"]), WL, np.linspace(3.0, 30.5, 1376),
+                          instrument=INSTRUMENT)
+    pk = sim.peaks["ZnO"]
+    plain = sim.phase_pattern("ZnO", pk.nominal[None], 200.0)[0]
+    plates = sim.phase_pattern("ZnO", pk.nominal[None], 200.0,
+                               effects=Effects(march=np.array([[0.7]])))[0]
+    np.testing.assert_allclose(plates.sum() * sim.step, 1.0, rtol=1e-6)  # still unit area
+    k002 = pk.hkl.index((0, 0, 0, 2))
+    k100 = pk.hkl.index((1, 0, -1, 0))
+    pos = pk.two_theta(WL)
+    at = {k: np.argmin(np.abs(sim.two_theta - pos[k])) for k in (k002, k100)}
+    # (002) normal along the texture axis: r^-3 = 2.92 against the (100) whose normal is
+    # perpendicular: r^1.5 = 0.586 (before the renormalisation to unit area)
+    ratio = (plates[at[k002]] / plates[at[k100]]) / (plain[at[k002]] / plain[at[k100]])
+    assert ratio == pytest.approx(0.7**-3 / 0.7**1.5, rel=0.03)
+    t = capillary_absorption(np.array([5.0, 30.0, 90.0]), 1.0)
+    assert 1.0 < t[0] < t[1] < t[2] and t[2] == pytest.approx(1.2286, rel=1e-3)
+    s = sim.sample(8, np.random.default_rng(0), Ranges(preferred_orientation=0.3,
+                                                        absorption=1.0), exact=True)
+    assert np.isfinite(s.counts).all() and s.counts.sum() > 0
+
+
+def test_refinement_follows_texture_when_asked():
+    sim = PowderSimulator(oxide_structures(["CeO2", "ZnO"]), WL, np.linspace(3.0, 30.5, 1100),
+                          instrument=INSTRUMENT)
+    truth = {"CeO2": 5.4150, "ZnO": np.array([3.2530, 5.2000])}
+    eff = Effects(march=np.array([[1.0, 0.75]]))
+    lattice = {"CeO2": np.array([[5.4150]]), "ZnO": truth["ZnO"][None]}
+    y = sim.patterns(np.array([[1.5e5, 1.5e5]]) * sim.step, lattice, np.array([[50.0, 40.0]]),
+                     effects=eff)
+    y = sim.noisy(y + 150.0, np.random.default_rng(8))[0]
+    start = {"CeO2": np.array([5.4120]), "ZnO": truth["ZnO"] * 0.999}
+    args = (y, np.array([1e5, 1e5]) * sim.step, start, np.array([40.0, 40.0]),
+            np.array([True, True]))
+    plain = Refinement(sim).refine_one(*args)
+    textured = Refinement(sim, preferred_orientation=True).refine_one(*args)
+    assert textured["phases"]["ZnO"]["march_r"][0] == pytest.approx(0.75, abs=0.05)
+    assert textured["rwp"] < 0.8 * plain["rwp"]
+    np.testing.assert_allclose(textured["phases"]["ZnO"]["lattice"][0], truth["ZnO"],
+                               atol=0.002)

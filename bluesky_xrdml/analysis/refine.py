@@ -12,8 +12,9 @@ Parameters refined per pattern:
 
 - per phase judged present: scale (integrated counts × degrees), free lattice
   parameter(s), log crystallite size and (``b_factor``) an isotropic intensity fall-off
-  B (Å², intensities × exp(-B / 2d²): thermal motion, absorption and polarisation left
-  over from the structure);
+  B (Å², intensities × exp(-B / 2d²): thermal motion, and, with B < 0, a capillary's
+  absorption, which has the same sin²θ form to first order) and (``preferred_orientation``)
+  a March-Dollase coefficient r along (001) (log r refined);
 - for the pattern: a zero shift of 2θ (degrees; it absorbs a sample displacement where
   cos θ hardly changes over the grid) and (``displacement``: on by default where cos θ
   changes by > 5 % over the grid) the displacement coefficient s of Δ2θ = s cos θ;
@@ -58,6 +59,7 @@ class Refinement:
     """
 
     def __init__(self, simulator, background_degree: int = 12, b_factor: bool = True,
+                 preferred_orientation: bool = False,
                  displacement: bool | None = None, robust: bool = False, f_scale: float = 3.0,
                  prior: bool = True, fast: bool = True, max_nfev: int = 40,
                  lattice_rel: float = 0.03, size_bounds=(1.0, 3000.0),
@@ -67,6 +69,7 @@ class Refinement:
         self.two_theta = simulator.two_theta
         self.background_degree = int(background_degree)
         self.b_factor, self.robust, self.f_scale = bool(b_factor), bool(robust), float(f_scale)
+        self.march = bool(preferred_orientation)
         self.prior, self.fast, self.max_nfev = bool(prior), bool(fast), int(max_nfev)
         self.lattice_rel, self.size_bounds = float(lattice_rel), tuple(size_bounds)
         self.b_bounds, self.zero_bound = tuple(b_bounds), float(zero_bound)
@@ -81,8 +84,9 @@ class Refinement:
 
     # --- forward model --------------------------------------------------------------------
     def phase_rows(self, name: str, lattice: np.ndarray, size: np.ndarray, b: np.ndarray,
-                   zero: np.ndarray, disp: np.ndarray) -> np.ndarray:
-        """Unit-area patterns (n, M) of phase ``name`` for n rows of parameters."""
+                   zero: np.ndarray, disp: np.ndarray, march=None) -> np.ndarray:
+        """Unit-area patterns (n, M) of phase ``name`` for n rows of parameters (``march``:
+        March-Dollase r per row, None: no texture)."""
         from ..simulation.powder import Effects
 
         sim = self.sim
@@ -92,6 +96,9 @@ class Refinement:
         bmat[:, j] = b
         eff = Effects(shift=np.asarray(zero, float), displacement=np.asarray(disp, float),
                       b_factor=bmat)
+        if march is not None:
+            eff.march = np.ones((n, len(self.phases)))
+            eff.march[:, j] = march
         rows = np.arange(n)
         if self.fast:
             spec = sim._phase_spectrum(sim.peaks[name], lattice, np.asarray(size, float), eff,
@@ -116,6 +123,9 @@ class Refinement:
             i += k + 2
             if self.b_factor:
                 entry["b"] = i
+                i += 1
+            if self.march:
+                entry["m"] = i
                 i += 1
             lay.append(entry)
         g_zero = i
@@ -144,6 +154,9 @@ class Refinement:
             if self.b_factor:
                 p0[e["b"]] = b0
                 lo[e["b"]], hi[e["b"]] = self.b_bounds
+            if self.march:
+                p0[e["m"]] = 0.0
+                lo[e["m"]], hi[e["m"]] = np.log(0.5), np.log(2.0)
             if self.prior and lattice_sd is not None:
                 sd = np.asarray(lattice_sd[name], float)
                 for q in range(e["lat"].start, e["lat"].stop):
@@ -172,8 +185,10 @@ class Refinement:
             for e in lay:
                 name = self.phases[e["j"]]
                 b = p[e["b"]] if self.b_factor else 0.0
+                mr = np.exp([p[e["m"]]]) if self.march else None
                 out.append(self.phase_rows(name, p[e["lat"]][None], np.exp([p[e["z"]]]),
-                                           np.array([b]), np.array([z]), np.array([d]))[0])
+                                           np.array([b]), np.array([z]), np.array([d]),
+                                           mr)[0])
             return out
 
         # start: scales and background by non-negative least squares at the start values
@@ -188,7 +203,6 @@ class Refinement:
         p0[nb:] = coef[len(lay):len(lay) + nd] - coef[len(lay) + nd:]
         p0 = np.clip(p0, lo, hi)
 
-        steps = {}
         cache: dict = {}
 
         def phases_and_derivs(p):
@@ -202,46 +216,33 @@ class Refinement:
                 name = self.phases[e["j"]]
                 lat = p[e["lat"]]
                 k = lat.size
-                b = p[e["b"]] if self.b_factor else 0.0
-                dl = np.maximum(np.abs(lat) * 2e-5, 1e-6)
-                dz, db, dzero, ddisp = 2e-3, 2e-2, 2e-4, 2e-4
-                rows_lat = [lat] + [lat + dl[q] * np.eye(k)[q] for q in range(k)]
-                rows = {"lat": rows_lat + [lat] * (2 + int(self.b_factor)
-                                                   + int(g_disp is not None))}
-                lz = [p[e["z"]]] * (k + 1) + [p[e["z"]] + dz]
-                bb = [b] * (k + 2)
-                zz = [z] * (k + 2)
-                dd = [d] * (k + 2)
-                if self.b_factor:
-                    lz.append(p[e["z"]])
-                    bb.append(b + db)
-                    zz.append(z)
-                    dd.append(d)
-                lz.append(p[e["z"]])
-                bb.append(b)
-                zz.append(z + dzero)
-                dd.append(d)
-                if g_disp is not None:
-                    lz.append(p[e["z"]])
-                    bb.append(b)
-                    zz.append(z)
-                    dd.append(d + ddisp)
-                pats = self.phase_rows(name, np.asarray(rows["lat"]), np.exp(lz),
-                                       np.asarray(bb), np.asarray(zz), np.asarray(dd))
+                # one row of (lattice..., log size, B, log r, zero, displacement) per pattern
+                # needed: the base, then one forward step in each nonlinear parameter
+                base_row = np.concatenate([lat, [p[e["z"]], p[e["b"]] if self.b_factor else 0.0,
+                                                 p[e["m"]] if self.march else 0.0, z, d]])
+                h = np.concatenate([np.maximum(np.abs(lat) * 2e-5, 1e-6),
+                                    [2e-3, 2e-2, 2e-3, 2e-4, 2e-4]])
+                cols = list(range(k)) + [k] + ([k + 1] if self.b_factor else []) + (
+                    [k + 2] if self.march else []) + [k + 3] + (
+                    [k + 4] if g_disp is not None else [])
+                rows = np.tile(base_row, (1 + len(cols), 1))
+                for r_, c in enumerate(cols, start=1):
+                    rows[r_, c] += h[c]
+                pats = self.phase_rows(name, rows[:, :k], np.exp(rows[:, k]), rows[:, k + 1],
+                                       rows[:, k + 3], rows[:, k + 4],
+                                       np.exp(rows[:, k + 2]) if self.march else None)
                 phi = pats[0]
-                r = k + 2
-                deriv = {"lat": (pats[1:k + 1] - phi) / dl[:, None],
-                         "z": (pats[k + 1] - phi) / dz}
+                der = {c: (pats[r_] - phi) / h[c] for r_, c in enumerate(cols, start=1)}
+                deriv = {"lat": np.stack([der[c] for c in range(k)]), "z": der[k],
+                         "zero": der[k + 3]}
                 if self.b_factor:
-                    deriv["b"] = (pats[r] - phi) / db
-                    r += 1
-                deriv["zero"] = (pats[r] - phi) / dzero
-                r += 1
+                    deriv["b"] = der[k + 1]
+                if self.march:
+                    deriv["m"] = der[k + 2]
                 if g_disp is not None:
-                    deriv["disp"] = (pats[r] - phi) / ddisp
+                    deriv["disp"] = der[k + 4]
                 out.append((phi, deriv))
             cache[key] = out
-            steps["n"] = steps.get("n", 0) + 1
             return out
 
         def model_of(p):
@@ -266,6 +267,8 @@ class Refinement:
                 Jd[:, e["z"]] = s * der["z"]
                 if self.b_factor:
                     Jd[:, e["b"]] = s * der["b"]
+                if self.march:
+                    Jd[:, e["m"]] = s * der["m"]
                 Jd[:, g_zero] += s * der["zero"]
                 if g_disp is not None:
                     Jd[:, g_disp] += s * der["disp"]
@@ -303,6 +306,9 @@ class Refinement:
                   "size_nm": (size, size * float(sd[e["z"]]))}
             if self.b_factor:
                 ph["b_factor"] = (float(x[e["b"]]), float(sd[e["b"]]))
+            if self.march:
+                r_ = float(np.exp(x[e["m"]]))
+                ph["march_r"] = (r_, r_ * float(sd[e["m"]]))
             out["phases"][name] = ph
         return out
 

@@ -336,7 +336,9 @@ class PQNetPredictor:
         if key not in self._refiners:
             card = self.card.get("refinement", {})
             sizes = self.card["ranges"]["size_nm"]
+            texture = float(self.card["ranges"].get("preferred_orientation", 0.0)) > 0
             opts = {"size_bounds": (sizes[0] / 3, sizes[1] * 5),
+                    "preferred_orientation": texture,
                     "lattice_rel": 2 * float(self.card["ranges"]["lattice_rel"]) + 0.005,
                     "std_scale": card.get("std_scale", {}), **options}
             self._refiners[key] = Refinement(self.simulator, **opts)
