@@ -37,6 +37,8 @@ def main():
                     help="calibrate the refinement's uncertainties on N other patterns first")
     ap.add_argument("--out", default="/tmp/pqnet7.safetensors")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--evaluate-only", action="store_true",
+                    help="no training: evaluate the model already at --out")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
@@ -53,29 +55,47 @@ def main():
     inst = Instrument.lab("Cu", W=0.06**2)
     tt = (10.0, 100.0, 4501)
     ranges = Ranges.measured()
-    # the validation's cost (two sets of exact patterns + predictions): measured, then
-    # taken off the optimiser's budget so that the whole run fits in --minutes
-    sim = PowderSimulator(phases, inst.wavelength, np.linspace(*tt), instrument=inst)
-    t = time.perf_counter()
-    sim.sample(16, np.random.default_rng(0), ranges, exact=True)
-    per = (time.perf_counter() - t) / 16
-    reserve = (2 * args.validation * per * 1.3 + 20) / 60
-    train_minutes = args.minutes - reserve
-    print(f"{len(PHASES)} phases, Cu Kα1/Kα2, 2θ {tt}; {args.members} members, pool "
-          f"{args.pool} × {args.reuse} passes; {args.threads} thread(s); budget "
-          f"{args.minutes} min of which ~{reserve:.1f} min for {2 * args.validation} exact "
-          f"validation patterns; load average {os.getloadavg()[0]:.2f}", flush=True)
-    t0 = time.perf_counter()
+    if args.evaluate_only:
+        card = pqnet.load(args.out).card
+        print(f"evaluating {args.out}: {card['members']} members, trained "
+              f"{card['training']['steps']} steps in {card['training']['minutes']} min on "
+              f"{card['training']['threads']} thread(s); load average "
+              f"{os.getloadavg()[0]:.2f}")
+    else:
+        # the validation's cost (two sets of exact patterns + predictions): measured, then
+        # taken off the optimiser's budget so that the whole run fits in --minutes
+        sim = PowderSimulator(phases, inst.wavelength, np.linspace(*tt), instrument=inst)
+        t = time.perf_counter()
+        sim.sample(16, np.random.default_rng(0), ranges, exact=True)
+        per = (time.perf_counter() - t) / 16
+        reserve = (2 * args.validation * per * 1.3 + 20) / 60
+        print(f"{len(PHASES)} phases, Cu Kα1/Kα2, 2θ {tt}; {args.members} members, pool "
+              f"{args.pool} × {args.reuse} passes; {args.threads} thread(s); budget "
+              f"{args.minutes} min of which ~{reserve:.1f} min for {2 * args.validation} "
+              f"exact validation patterns; load average {os.getloadavg()[0]:.2f}", flush=True)
+        train_and_report(args, training, phases, inst, tt, ranges, args.minutes - reserve,
+                         time.perf_counter())
+    evaluate(args, np, pqnet, training)
+
+
+def train_and_report(args, training, phases, inst, tt, ranges, train_minutes, t0):
     card = training.train(phases, args.out, wavelength=inst.wavelength, two_theta=tt,
                           instrument=inst, ranges=ranges, members=args.members, steps=3000,
                           reuse=args.reuse, pool=args.pool, minutes=train_minutes,
-                          seed=args.seed, n_validation=args.validation, progress=False,
+                          seed=args.seed, n_validation=args.validation, progress=True,
                           log=lambda *a: print(*a, flush=True))
     wall = (time.perf_counter() - t0) / 60
     print(f"trained {card['training']['steps']} steps; whole run {wall:.1f} min (target <= 15); "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
 
+
+def evaluate(args, np, pqnet, training):
+
+    from bluesky_xrdml.simulation.powder import Ranges
+
     model = pqnet.load(args.out)
+    ranges = Ranges.from_dict(model.card["ranges"])  # what the model was trained with
+    print(f"held-out effects: {ranges.as_dict()}")
     if args.calibrate_refinement:
         t = time.perf_counter()
         calib = model.simulator.sample(args.calibrate_refinement, np.random.default_rng(7),

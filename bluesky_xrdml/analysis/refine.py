@@ -18,8 +18,15 @@ Parameters refined per pattern:
 - for the pattern: a zero shift of 2θ (degrees; it absorbs a sample displacement where
   cos θ hardly changes over the grid) and (``displacement``: on by default where cos θ
   changes by > 5 % over the grid) the displacement coefficient s of Δ2θ = s cos θ;
-- a smooth background: Chebyshev polynomial of degree ``background_degree`` plus an
+- a smooth background: Chebyshev polynomial of degree ``background_degree`` (default one
+  per ~3° of 2θ, 12-40, so that amorphous humps a few degrees wide are followed) plus an
   air-scatter decay exp(-3 (x + 1)) on x ∈ [-1, 1] (linear).
+
+Zero shift and displacement shift every peak of every phase; over a 2θ range where cos θ
+follows tan θ closely they trade against the lattice parameters (a single-phase pattern
+cannot tell them apart). ``zero_sd`` / ``displacement_sd`` (degrees) add a Gaussian prior
+around 0 for each: ``PQNetPredictor.refine`` takes them from the ranges the model was
+trained on (the zero shift and displacement it expects a pattern to have).
 
 Residuals are Poisson-weighted (1 / √max(counts, 1)); ``robust=True`` makes the loss
 ``soft_l1`` with a scale of ``f_scale`` standard deviations, so peaks of phases outside the
@@ -58,19 +65,24 @@ class Refinement:
     plus per-pattern ``zero``, ``chi2``, ``rwp``, ``nfev``.
     """
 
-    def __init__(self, simulator, background_degree: int = 12, b_factor: bool = True,
+    def __init__(self, simulator, background_degree: int | None = None, b_factor: bool = True,
                  preferred_orientation: bool = False,
                  displacement: bool | None = None, robust: bool = False, f_scale: float = 3.0,
                  prior: bool = True, fast: bool = True, max_nfev: int = 40,
+                 zero_sd: float | None = None, displacement_sd: float | None = None,
                  lattice_rel: float = 0.03, size_bounds=(1.0, 3000.0),
                  b_bounds=(-3.0, 8.0), zero_bound: float = 0.2, std_scale: dict | None = None):
         self.sim = simulator
         self.phases = list(simulator.names)
         self.two_theta = simulator.two_theta
+        if background_degree is None:  # a degree per ~3° of 2θ: humps of a few degrees
+            span = float(self.two_theta[-1] - self.two_theta[0])
+            background_degree = int(np.clip(round(span / 3.0), 12, 40))
         self.background_degree = int(background_degree)
         self.b_factor, self.robust, self.f_scale = bool(b_factor), bool(robust), float(f_scale)
         self.march = bool(preferred_orientation)
         self.prior, self.fast, self.max_nfev = bool(prior), bool(fast), int(max_nfev)
+        self.zero_sd, self.displacement_sd = zero_sd, displacement_sd
         self.lattice_rel, self.size_bounds = float(lattice_rel), tuple(size_bounds)
         self.b_bounds, self.zero_bound = tuple(b_bounds), float(zero_bound)
         if displacement is None:
@@ -173,6 +185,11 @@ class Refinement:
         lo[g_zero], hi[g_zero] = -self.zero_bound, self.zero_bound
         if g_disp is not None:
             lo[g_disp], hi[g_disp] = -self.zero_bound, self.zero_bound
+        for g, sd_ in ((g_zero, self.zero_sd), (g_disp, self.displacement_sd)):
+            if g is not None and sd_:
+                prior_idx.append(g)
+                prior_mu.append(0.0)
+                prior_sd.append(float(sd_))
         prior_idx = np.asarray(prior_idx, int)
         prior_mu, prior_sd = np.asarray(prior_mu, float), np.asarray(prior_sd, float)
 
@@ -278,10 +295,9 @@ class Refinement:
                 J[y.size + q, pi] = 1.0 / sd
             return J
 
+        loss = "soft_l1" if self.robust else "linear"
         res = least_squares(resid, p0, jac=jac, bounds=(lo, hi), method="trf", x_scale="jac",
-                            max_nfev=self.max_nfev,
-                            loss="soft_l1" if self.robust else "linear",
-                            f_scale=self.f_scale)
+                            max_nfev=self.max_nfev, loss=loss, f_scale=self.f_scale)
         x = res.x
         J = jac(x)
         r = resid(x)

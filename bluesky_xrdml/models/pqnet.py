@@ -336,9 +336,15 @@ class PQNetPredictor:
         if key not in self._refiners:
             card = self.card.get("refinement", {})
             sizes = self.card["ranges"]["size_nm"]
-            texture = float(self.card["ranges"].get("preferred_orientation", 0.0)) > 0
+            ranges = self.card["ranges"]
+            texture = float(ranges.get("preferred_orientation", 0.0)) > 0
+            # priors of zero shift and displacement: the spread the model was trained with
+            # (uniform ±range: σ = range / √3), at least 0.002°
+            shifts = {k: max(float(ranges.get(k, 0.0)) / np.sqrt(3), 0.002)
+                      for k in ("zero_shift", "displacement")}
             opts = {"size_bounds": (sizes[0] / 3, sizes[1] * 5),
-                    "preferred_orientation": texture,
+                    "preferred_orientation": texture, "zero_sd": shifts["zero_shift"],
+                    "displacement_sd": shifts["displacement"],
                     "lattice_rel": 2 * float(self.card["ranges"]["lattice_rel"]) + 0.005,
                     "std_scale": card.get("std_scale", {}), **options}
             self._refiners[key] = Refinement(self.simulator, **opts)
