@@ -164,3 +164,28 @@ def test_refinement_follows_texture_when_asked():
     assert textured["rwp"] < 0.8 * plain["rwp"]
     np.testing.assert_allclose(textured["phases"]["ZnO"]["lattice"][0], truth["ZnO"],
                                atol=0.002)
+
+
+def test_a_failed_fit_keeps_the_network_values(oxides, monkeypatch, caplog):
+    from bluesky_xrdml.analysis import refine as refine_module
+
+    sim = oxides.simulator
+    y = sim.noisy(sim.patterns(np.array([[3e5, 0, 0, 0, 0]]) * sim.step,
+                               {n: sim.peaks[n].nominal[None] for n in sim.names},
+                               np.full((1, 5), 40.0)) + 80, np.random.default_rng(2))
+    y = np.vstack([y, y])
+    net = oxides.predict(y)
+    real = refine_module.Refinement.refine_one
+    calls = []
+
+    def fails_first(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("x0 is infeasible")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(refine_module.Refinement, "refine_one", fails_first)
+    ds = oxides.refine(y, net)
+    assert not ds["refined"].values[0].any() and ds["refined"].values[1].any()
+    np.testing.assert_array_equal(ds["lattice_a"].values[0], net["lattice_a"].values[0])
+    assert "refinement of pattern 0 failed" in caplog.text

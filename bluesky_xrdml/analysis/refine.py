@@ -48,11 +48,15 @@ patterns (``calibrate``), like the ensemble's.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from scipy.optimize import least_squares, nnls
 from threadpoolctl import threadpool_limits
 
 from .roi import check_patterns
+
+logger = logging.getLogger(__name__)
 
 FREE_KEYS = ("scale", "lattice", "size_nm", "b_factor", "zero", "displacement")
 
@@ -335,7 +339,8 @@ class Refinement:
         ``size_nm`` (N, P) and ``use`` (N, P) bool → dict: ``scale``, ``size_nm``,
         ``b_factor`` (N, P), ``lattice`` {phase: (N, n_free)}, each with ``<key>_std``
         (NaN where a phase was not refined, times ``std_scale``), and (N,) ``zero``,
-        ``zero_std``, ``chi2``, ``rwp``, ``nfev``."""
+        ``zero_std``, ``chi2``, ``rwp``, ``nfev`` and ``ok`` (False: the fit failed, logged;
+        that pattern's values stay NaN)."""
         y = check_patterns(patterns, self.two_theta.size)
         n, p = len(y), len(self.phases)
         nan = np.full((n, p), np.nan)
@@ -346,6 +351,7 @@ class Refinement:
         out["lattice_std"] = {ph: v.copy() for ph, v in out["lattice"].items()}
         for k in ("zero", "zero_std", "chi2", "rwp", "nfev"):
             out[k] = np.full(n, np.nan)
+        out["ok"] = np.ones(n, bool)
         f = self.std_scale
         with threadpool_limits(limits=1, user_api="blas"):  # small solves: threads only wait
             self._refine_rows(y, scale, lattice, size_nm, use, lattice_sd, size_sd, out, f,
@@ -356,10 +362,20 @@ class Refinement:
                      progress):
         n = len(y)
         for i in range(n):
-            res = self.refine_one(
-                y[i], scale[i], {ph: lattice[ph][i] for ph in self.phases}, size_nm[i], use[i],
-                None if lattice_sd is None else {ph: lattice_sd[ph][i] for ph in self.phases},
-                None if size_sd is None else size_sd[i])
+            try:
+                res = self.refine_one(
+                    y[i], scale[i], {ph: lattice[ph][i] for ph in self.phases}, size_nm[i],
+                    use[i],
+                    None if lattice_sd is None else {ph: lattice_sd[ph][i] for ph in self.phases},
+                    None if size_sd is None else size_sd[i])
+                if not all(np.all(np.isfinite(v[0])) and np.all(np.isfinite(v[1]))
+                           for ph in res["phases"].values() for v in ph.values()):
+                    raise FloatingPointError("the fit ended on non-finite values")
+            except (ValueError, FloatingPointError, np.linalg.LinAlgError) as err:
+                logger.warning("xrdml: refinement of pattern %d failed (%s): the network's "
+                               "values stay", i, err)
+                out["ok"][i] = False
+                continue
             for k in ("zero", "chi2", "rwp", "nfev"):
                 out[k][i] = res[k]
             out["zero_std"][i] = res["zero_sd"]

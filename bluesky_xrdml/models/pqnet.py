@@ -377,6 +377,7 @@ class PQNetPredictor:
         res = ref.refine(y, np.nan_to_num(ds["scale"].values), lattice,
                          ds["size_nm"].values, use, lattice_sd, ds["size_nm_std"].values,
                          progress=progress)
+        use = use & res["ok"][:, None]  # a failed fit keeps the network's values
         out = ds.copy(deep=True)
         for key in ("scale", "size_nm"):
             out[key].values[use] = res[key][use]
