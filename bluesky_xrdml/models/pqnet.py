@@ -194,6 +194,7 @@ class PQNetPredictor:
         self.presence = bool(card.get("presence", False))
         self.temperature = float(card.get("presence_temperature", 1.0))
         self._sim = None
+        self._refiners: dict = {}  # Refinement per set of options (``refinement``)
 
     @property
     def name(self) -> str:
@@ -331,12 +332,10 @@ class PQNetPredictor:
         from ..analysis.refine import Refinement
 
         key = tuple(sorted(options.items()))
-        if getattr(self, "_refiners", None) is None:
-            self._refiners = {}
         if key not in self._refiners:
             card = self.card.get("refinement", {})
-            sizes = self.card["ranges"]["size_nm"]
             ranges = self.card["ranges"]
+            sizes = ranges["size_nm"]
             texture = float(ranges.get("preferred_orientation", 0.0)) > 0
             # priors of zero shift and displacement: the spread the model was trained with
             # (uniform ±range: σ = range / √3), at least 0.002°
@@ -345,7 +344,7 @@ class PQNetPredictor:
             opts = {"size_bounds": (sizes[0] / 3, sizes[1] * 5),
                     "preferred_orientation": texture, "zero_sd": shifts["zero_shift"],
                     "displacement_sd": shifts["displacement"],
-                    "lattice_rel": 2 * float(self.card["ranges"]["lattice_rel"]) + 0.005,
+                    "lattice_rel": 2 * float(ranges["lattice_rel"]) + 0.005,
                     "std_scale": card.get("std_scale", {}), **options}
             self._refiners[key] = Refinement(self.simulator, **opts)
         return self._refiners[key]
@@ -387,18 +386,9 @@ class PQNetPredictor:
             for q, ax in enumerate(self.free[p]):
                 out[f"lattice_{ax}"].values[rows, j] = res["lattice"][p][rows, q]
                 out[f"lattice_{ax}_std"].values[rows, j] = res["lattice_std"][p][rows, q]
-        # fractions: the refined phases share what the phases not refined leave
-        frac = ds["fraction"].values
-        left = 1.0 - np.where(use, 0.0, frac).sum(axis=1, keepdims=True)
-        s = np.where(use, np.clip(res["scale"], 0, None), 0.0)
-        tot = s.sum(axis=1, keepdims=True)
-        f_ref = np.where(tot > 0, s / np.where(tot > 0, tot, 1.0), 0.0) * left
-        g = np.where(tot > 0, s / np.where(tot > 0, tot, 1.0), 0.0)
-        var = np.where(use, res["scale_std"], 0.0) ** 2
-        f_var = ((1 - g) ** 2 * var + g**2 * (var.sum(axis=1, keepdims=True) - var)) * (
-            left / np.where(tot > 0, tot, 1.0)) ** 2
-        f_sd = np.sqrt(f_var) * (ref.std_scale.get("fraction", 1.0)
-                                 / ref.std_scale.get("scale", 1.0))
+        f_ref, f_sd = refined_fractions(
+            ds["fraction"].values, use, res["scale"], res["scale_std"],
+            ref.std_scale.get("fraction", 1.0) / ref.std_scale.get("scale", 1.0))
         out["fraction"].values[use] = f_ref[use]
         out["fraction_std"].values[use] = f_sd[use]
         out["refined"] = (("pattern", "phase"), use)
@@ -483,6 +473,22 @@ class PQNetPredictor:
                                                                  None))
         return {"implied": implied, "residual": residual, "rwp": rwp,
                 "unexplained": unexplained, "poor": unexplained > self.POOR_FIT}
+
+
+def refined_fractions(frac, use, scale, scale_std, factor: float = 1.0):
+    """Fractions (N, P) and their σ after refining the phases ``use``: they share what the
+    phases not refined (their network fractions) leave, in the ratio of their refined
+    scales; σ by the delta method from the scales' σ (correlations left out), × ``factor``.
+    """
+    left = 1.0 - np.where(use, 0.0, frac).sum(axis=1, keepdims=True)
+    s = np.where(use, np.clip(scale, 0, None), 0.0)
+    tot = s.sum(axis=1, keepdims=True)
+    safe = np.where(tot > 0, tot, 1.0)
+    g = np.where(tot > 0, s / safe, 0.0)
+    var = np.where(use, scale_std, 0.0) ** 2
+    f_var = ((1 - g) ** 2 * var + g**2 * (var.sum(axis=1, keepdims=True) - var)) * (
+        left / safe) ** 2
+    return g * left, np.sqrt(f_var) * factor
 
 
 def card_arch(card: dict) -> dict:

@@ -244,7 +244,7 @@ def calibrate_refinement(predictor: pq.PQNetPredictor, sim: PowderSimulator, sam
     scale over every refined phase. Sets the predictor's card ``refinement`` entry
     (``std_scale``, ``n_patterns``, ``options``) and returns it."""
     predictor.card["refinement"] = {"std_scale": {}}
-    predictor._refiners = None
+    predictor._refiners = {}
     ds = predictor.refine(sample.counts, **options)
     pred = predictions(ds)
     truth = truth_arrays(sim, sample)
@@ -260,7 +260,7 @@ def calibrate_refinement(predictor: pq.PQNetPredictor, sim: PowderSimulator, sam
     entry = {"std_scale": scales, "n_patterns": int(len(sample.counts)),
              "target_coverage_2sigma": target, "options": dict(options)}
     predictor.card["refinement"] = entry
-    predictor._refiners = None
+    predictor._refiners = {}
     return entry
 
 
