@@ -122,15 +122,10 @@ class Refinement:
             return sim._to_grid(spec).astype(float)
         return sim.phase_pattern(name, lattice, size, effects=eff)
 
-    # --- one pattern ----------------------------------------------------------------------
-    def refine_one(self, y: np.ndarray, scale0, lattice0: dict, size0, use,
-                   lattice_sd=None, size_sd=None) -> dict:
-        """Refine one pattern ``y`` (M,) from scales (P,), lattice {phase: (n_free,)},
-        sizes (P,) for the phases with ``use`` (P,) true. ``lattice_sd`` {phase: (n_free,)}
-        and ``size_sd`` (P,): the prior's widths (None: no prior). Returns a dict with
-        ``x``/``sd`` per parameter (see ``refine``), ``chi2``, ``rwp``, ``nfev``."""
-        y = np.asarray(y, float)
-        w = 1.0 / np.sqrt(np.maximum(y, 1.0))
+    def _layout(self, use):
+        """Where each parameter sits in the vector: per phase refined a dict of indices
+        (``s`` scale, ``lat`` lattice slice, ``z`` log size, ``b`` B, ``m`` log r), then
+        the zero shift, the displacement (or None) and the number before the background."""
         idx = [j for j in range(len(self.phases)) if use[j]]
         lay, i = [], 0
         for j in idx:
@@ -151,6 +146,10 @@ class Refinement:
             g_disp = i
             i += 1
         nb = i
+        return lay, g_zero, g_disp, nb
+
+    def _start(self, lay, g_zero, g_disp, nb, lattice0, size0, lattice_sd, size_sd):
+        """Start vector, bounds and prior (indices, means, σ) of the parameters."""
         nd = self.bkg_basis.shape[0]
         p0 = np.zeros(nb + nd)
         lo, hi = np.full_like(p0, -np.inf), np.full_like(p0, np.inf)
@@ -196,6 +195,22 @@ class Refinement:
                 prior_sd.append(float(sd_))
         prior_idx = np.asarray(prior_idx, int)
         prior_mu, prior_sd = np.asarray(prior_mu, float), np.asarray(prior_sd, float)
+
+        return p0, lo, hi, (prior_idx, prior_mu, prior_sd)
+
+    # --- one pattern ----------------------------------------------------------------------
+    def refine_one(self, y: np.ndarray, scale0, lattice0: dict, size0, use,
+                   lattice_sd=None, size_sd=None) -> dict:
+        """Refine one pattern ``y`` (M,) from scales (P,), lattice {phase: (n_free,)},
+        sizes (P,) for the phases with ``use`` (P,) true. ``lattice_sd`` {phase: (n_free,)}
+        and ``size_sd`` (P,): the prior's widths (None: no prior). Returns a dict with
+        ``x``/``sd`` per parameter (see ``refine``), ``chi2``, ``rwp``, ``nfev``."""
+        y = np.asarray(y, float)
+        w = 1.0 / np.sqrt(np.maximum(y, 1.0))
+        lay, g_zero, g_disp, nb = self._layout(use)
+        nd = self.bkg_basis.shape[0]
+        p0, lo, hi, (prior_idx, prior_mu, prior_sd) = self._start(
+            lay, g_zero, g_disp, nb, lattice0, size0, lattice_sd, size_sd)
 
         def globals_(p):
             return p[g_zero], (p[g_disp] if g_disp is not None else 0.0)
