@@ -46,6 +46,8 @@ def main():
     ap.add_argument("--calibrate-refinement", type=int, default=0, metavar="N",
                     help="first calibrate the refinement's uncertainties on N other held-out "
                          "patterns; with --save-card written into the model card")
+    ap.add_argument("--refined-figure", default=None,
+                    help="save the refined fit of the (first) --measured pattern as this PNG")
     ap.add_argument("--save-card", action="store_true",
                     help="write the refinement calibration into the model's card (.json)")
     args = ap.parse_args()
@@ -90,8 +92,8 @@ def main():
               + ", ".join(f"{k} ×{v:.2f}" for k, v in entry["std_scale"].items()))
         if args.save_card:
             save_refinement_card(args.weights, entry)
-    for spec in args.measured:
-        measured(model, spec)
+    for i, spec in enumerate(args.measured):
+        measured(model, spec, args.refined_figure if i == 0 else None)
     t = time.perf_counter()
     test = sim.sample(args.n, np.random.default_rng(args.seed), ranges, exact=True)
     print(f"{args.n} held-out patterns (seed {args.seed}, exact simulator) in "
@@ -197,7 +199,7 @@ def main():
         print(f"saved {args.figure}")
 
 
-def measured(model, spec: str):
+def measured(model, spec: str, figure: str | None = None):
     """One measured single-phase pattern through the model (see the module doc)."""
 
     from bluesky_xrdml.analysis.calibrate import read_xy
@@ -231,7 +233,44 @@ def measured(model, spec: str):
           f"size {dr['size_nm'].values[0, j]:.0f} nm, zero shift "
           f"{dr['zero_shift'].values[0]:+.4f}°, Rwp {dr['rwp_refined'].values[0]:.3f}"
           + (f"; vs 5.4116 Å: {ar - 5.4116:+.5f} Å" if phase == "CeO2" else ""))
+    if figure:
+        save_fit_figure(model, y, x, ds, dr, phase, figure)
+        print(f"  saved {figure}")
     return ds, ex
+
+
+def save_fit_figure(model, y, x, ds, dr, phase, path):
+    """Measured pattern, the pattern the network's estimate implies (``explain``: its own
+    background), the refined fit, and the residuals of both (on the model's grid)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tt = model.two_theta
+    net = model.explain(y, ds=ds, two_theta=x)
+    ref = model.refine(y, ds=ds, two_theta=x, implied=True)
+    meas = model.resample(y, x)[0]
+    fit = ref["implied_refined"].values[0]
+    fig, (a, b) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, height_ratios=[3, 2],
+                               constrained_layout=True)
+    a.plot(tt, meas, "k.", ms=2, label="measured")
+    a.plot(tt, net["implied"][0], lw=0.8, label=f"PQ-Net (Rwp {net['rwp'][0]:.3f})")
+    a.plot(tt, fit, lw=0.8, label=f"+ refinement (Rwp {ref['rwp_refined'].values[0]:.3f})")
+    a.set_yscale("log")
+    a.set_ylabel("counts")
+    a.legend(fontsize=8)
+    j = model.phases.index(phase)
+    a.set_title(f"{phase}: a = {ds['lattice_a'].values[0, j]:.5f} Å (network), "
+                f"{dr['lattice_a'].values[0, j]:.5f} ± {dr['lattice_a_std'].values[0, j]:.5f} Å "
+                "(refined)", fontsize=9)
+    b.plot(tt, net["residual"][0], lw=0.6, label="measured − PQ-Net")
+    b.plot(tt, meas - fit, lw=0.6, label="measured − refined")
+    b.set_xlabel("2θ (°)")
+    b.set_ylabel("residual (counts)")
+    b.legend(fontsize=8)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def save_refinement_card(weights, entry):

@@ -82,6 +82,13 @@ def test_real_ceo2_refined_stays_ceo2_and_its_lattice_is_the_certified_one(oxide
     assert a == pytest.approx(CERTIFIED_A, abs=0.002)
     assert 0 < sd < net["lattice_a_std"].values[0, j]
     assert ds["rwp_refined"].values[0] < 0.3
+    # the fitted pattern itself, on the model's grid: its Rwp is the one reported
+    fit = oxides.refine(y, net, two_theta=x, implied=True)
+    meas = oxides.resample(y, x)[0]
+    model = fit["implied_refined"].values[0]
+    w = 1 / np.maximum(meas, 1)
+    rwp = np.sqrt((w * (meas - model) ** 2).sum() / (w * meas**2).sum())
+    assert rwp == pytest.approx(ds["rwp_refined"].values[0], rel=1e-3)
     others = [i for i in range(len(oxides.phases)) if i != j]
     np.testing.assert_array_equal(ds["lattice_a"].values[0, others],
                                   net["lattice_a"].values[0, others])

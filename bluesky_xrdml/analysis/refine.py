@@ -355,7 +355,7 @@ class Refinement:
         ``b_factor`` (N, P), ``lattice`` {phase: (N, n_free)}, each with ``<key>_std``
         (NaN where a phase was not refined, times ``std_scale``), and (N,) ``zero``,
         ``zero_std``, ``chi2``, ``rwp``, ``nfev`` and ``ok`` (False: the fit failed, logged;
-        that pattern's values stay NaN)."""
+        that pattern's values stay NaN), and ``model`` (N, M) the fitted patterns."""
         y = check_patterns(patterns, self.two_theta.size)
         n, p = len(y), len(self.phases)
         nan = np.full((n, p), np.nan)
@@ -367,6 +367,7 @@ class Refinement:
         for k in ("zero", "zero_std", "chi2", "rwp", "nfev"):
             out[k] = np.full(n, np.nan)
         out["ok"] = np.ones(n, bool)
+        out["model"] = np.full(y.shape, np.nan, np.float32)
         f = self.std_scale
         with threadpool_limits(limits=1, user_api="blas"):  # small solves: threads only wait
             self._refine_rows(y, scale, lattice, size_nm, use, lattice_sd, size_sd, out, f,
@@ -391,6 +392,7 @@ class Refinement:
                                "values stay", i, err)
                 out["ok"][i] = False
                 continue
+            out["model"][i] = res["model"]
             for k in ("zero", "chi2", "rwp", "nfev"):
                 out[k][i] = res[k]
             out["zero_std"][i] = res["zero_sd"]

@@ -349,7 +349,8 @@ class PQNetPredictor:
             self._refiners[key] = Refinement(self.simulator, **opts)
         return self._refiners[key]
 
-    def refine(self, patterns, ds=None, two_theta=None, progress=None, **options):
+    def refine(self, patterns, ds=None, two_theta=None, progress=None, implied: bool = False,
+               **options):
         """Network-initialised full-profile refinement (``analysis.refine``).
 
         The phases judged present (presence ≥ ``PRESENT``, or fraction ≥ ``MIN_FRACTION``
@@ -358,7 +359,9 @@ class PQNetPredictor:
         Returns the dataset of ``predict`` with refined ``scale``, ``size_nm``,
         ``lattice_*`` (each ``*_std`` from the refinement's covariance), ``fraction`` (the
         refined phases share what the others leave) and per pattern ``refined`` (P) bool,
-        ``rwp_refined``, ``zero_shift`` (degrees) ± ``zero_shift_std``."""
+        ``rwp_refined``, ``zero_shift`` (degrees) ± ``zero_shift_std``; with ``implied``
+        also ``implied_refined`` (pattern × two_theta): the fitted pattern, background
+        included."""
         if two_theta is not None:
             patterns = self.resample(check_patterns(patterns, np.size(two_theta)), two_theta)
         y = check_patterns(patterns, self.two_theta.size)
@@ -395,6 +398,9 @@ class PQNetPredictor:
         out["rwp_refined"] = (("pattern",), res["rwp"])
         out["zero_shift"] = (("pattern",), res["zero"])
         out["zero_shift_std"] = (("pattern",), res["zero_std"])
+        if implied:
+            out["implied_refined"] = (("pattern", "two_theta"), res["model"])
+            out = out.assign_coords(two_theta=self.two_theta)
         out.attrs["refined"] = "network-initialised full-profile refinement (analysis.refine)"
         return out
 
