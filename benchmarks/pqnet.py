@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/pqnet.py [--n 2000] [--fit-n 300] [--threads 2]
                                          [--figure docs/images/pqnet-xrdct.png]
     .venv/bin/python benchmarks/pqnet.py --weights pqnet-oxides --fit-n 100 \
-        --measured ../shared/data/ceo2_pilatus1m/CeO2_Pilatus1M.xy=CeO2
+        --measured ../shared/data/ceo2_pilatus1m/CeO2_Pilatus1M.xy=CeO2 \
+        [--refine-n 500] [--calibrate-refinement 400 --save-card] [--refined-figure F.png]
 
 Held-out patterns are drawn from the model card's ranges, with its instrument and the
 instrument/sample effects it was trained with (zero shift, displacement, intensity
@@ -14,6 +15,12 @@ below that are left out), predicted present at probability ≥ 0.5.
 ``--measured FILE=PHASE``: a measured single-phase pattern (two columns), resampled onto
 the model's grid: every phase's fraction and presence, the phase's lattice parameter,
 and how much of the pattern the prediction leaves unexplained.
+
+``--refine-n``: the first N held-out patterns also go through the network-initialised
+full-profile refinement (``PQNetPredictor.refine``), printed beside the network alone on
+the same patterns, with its time per pattern; ``--calibrate-refinement N`` first scales
+its uncertainties on N other held-out patterns (``--save-card`` writes them into the
+model's card).
 
 Held-out patterns are simulated with the exact (every peak evaluated) path from a fixed
 seed, drawn from the model card's ranges. Fraction MAE over every phase of every pattern;
