@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/pqnet.py [--n 2000] [--fit-n 300] [--threads 2]
                                          [--figure docs/images/pqnet-xrdct.png]
     .venv/bin/python benchmarks/pqnet.py --weights pqnet-oxides --fit-n 100 \
-        --measured ../shared/data/ceo2_pilatus1m/CeO2_Pilatus1M.xy=CeO2
+        --measured ../shared/data/ceo2_pilatus1m/CeO2_Pilatus1M.xy=CeO2 \
+        [--refine-n 500] [--calibrate-refinement 400 --save-card] [--refined-figure F.png]
 
 Held-out patterns are drawn from the model card's ranges, with its instrument and the
 instrument/sample effects it was trained with (zero shift, displacement, intensity
@@ -14,6 +15,12 @@ below that are left out), predicted present at probability ≥ 0.5.
 ``--measured FILE=PHASE``: a measured single-phase pattern (two columns), resampled onto
 the model's grid: every phase's fraction and presence, the phase's lattice parameter,
 and how much of the pattern the prediction leaves unexplained.
+
+``--refine-n``: the first N held-out patterns also go through the network-initialised
+full-profile refinement (``PQNetPredictor.refine``), printed beside the network alone on
+the same patterns, with its time per pattern; ``--calibrate-refinement N`` first scales
+its uncertainties on N other held-out patterns (``--save-card`` writes them into the
+model's card).
 
 Held-out patterns are simulated with the exact (every peak evaluated) path from a fixed
 seed, drawn from the model card's ranges. Fraction MAE over every phase of every pattern;
@@ -41,6 +48,15 @@ def main():
     ap.add_argument("--figure", default=None, help="save the XRD-CT maps as this PNG")
     ap.add_argument("--measured", action="append", default=[],
                     help="FILE=PHASE: a measured single-phase pattern (repeatable)")
+    ap.add_argument("--refine-n", type=int, default=300,
+                    help="patterns also refined (PQ-Net start + full-profile refinement)")
+    ap.add_argument("--calibrate-refinement", type=int, default=0, metavar="N",
+                    help="first calibrate the refinement's uncertainties on N other held-out "
+                         "patterns; with --save-card written into the model card")
+    ap.add_argument("--refined-figure", default=None,
+                    help="save the refined fit of the (first) --measured pattern as this PNG")
+    ap.add_argument("--save-card", action="store_true",
+                    help="write the refinement calibration into the model's card (.json)")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
@@ -71,8 +87,20 @@ def main():
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"instrument: {model.card.get('instrument', 'constant FWHM')}; effects "
           f"{'on' if ranges.effects else 'off'}")
-    for spec in args.measured:
-        measured(model, spec)
+    if args.calibrate_refinement:
+        from bluesky_xrdml.training.pqnet import calibrate_refinement
+
+        t = time.perf_counter()
+        calib = sim.sample(args.calibrate_refinement, np.random.default_rng(args.seed + 1),
+                           ranges, exact=True)
+        entry = calibrate_refinement(model, sim, calib)
+        print(f"refinement uncertainties calibrated on {args.calibrate_refinement} other "
+              f"held-out patterns (seed {args.seed + 1}) in {time.perf_counter() - t:.0f} s: "
+              + ", ".join(f"{k} ×{v:.2f}" for k, v in entry["std_scale"].items()))
+        if args.save_card:
+            save_refinement_card(args.weights, entry)
+    for i, spec in enumerate(args.measured):
+        measured(model, spec, args.refined_figure if i == 0 else None)
     t = time.perf_counter()
     test = sim.sample(args.n, np.random.default_rng(args.seed), ranges, exact=True)
     print(f"{args.n} held-out patterns (seed {args.seed}, exact simulator) in "
@@ -107,12 +135,25 @@ def main():
     row("PQ-Net (all held-out)", net, args.n)
     row(f"PQ-Net (first {k})", net_sub, k)
     row(f"least-squares fit (first {k})", fit_m, k)
+    r = min(args.refine_n, args.n)
+    if r:
+        t = time.perf_counter()
+        ds_ref = model.refine(test.counts[:r], ds.isel(pattern=slice(0, r)))
+        t_ref = (time.perf_counter() - t) / r
+        sub = {key: v[:r] for key, v in truth.items()}
+        net_r = evaluate({key: (m[:r], s[:r]) for key, (m, s) in predictions(ds).items()}, sub,
+                         test.fraction[:r], test.present[:r])
+        ref_m = evaluate(predictions(ds_ref), sub, test.fraction[:r], test.present[:r])
+        row(f"PQ-Net (first {r})", net_r, r)
+        row(f"PQ-Net + refinement ({r})", ref_m, r)
     print("(lattice, size and coverage: phases with fraction >= 0.1; targets: fraction MAE "
           "<= 0.02, lattice MAE <= 0.002 Å, size MAPE <= 10 %, coverage 0.90-0.98)")
     print()
     print(f"time per pattern: PQ-Net ensemble {t_net * 1e3:.3f} ms "
           f"({1 / t_net:.0f} patterns/s), least-squares fit {t_fit * 1e3:.1f} ms; "
-          f"PQ-Net is {t_fit / t_net:.0f}× faster (target >= 200×)")
+          f"PQ-Net is {t_fit / t_net:.0f}× faster (target >= 200×)"
+          + (f"; PQ-Net + refinement {t_ref * 1e3:.0f} ms" if r else "")
+          + f"; load average {os.getloadavg()[0]:.2f}")
     if "presence" in ds:
         pm = presence_metrics(ds["presence"].values, test.fraction, test.present)
         imp = test.impurity if test.impurity is not None else np.zeros(args.n)
@@ -165,7 +206,7 @@ def main():
         print(f"saved {args.figure}")
 
 
-def measured(model, spec: str):
+def measured(model, spec: str, figure: str | None = None):
     """One measured single-phase pattern through the model (see the module doc)."""
 
     from bluesky_xrdml.analysis.calibrate import read_xy
@@ -191,7 +232,72 @@ def measured(model, spec: str):
     if phase == "CeO2":
         print(f"  lattice vs the calibrant's certified 5.4116 Å: {a - 5.4116:+.5f} Å "
               "(target within ±0.002)")
+    dr = model.refine(y, ds=ds, two_theta=x)
+    fr = dr["fraction"].values[0]
+    ar, sr = dr["lattice_a"].values[0, j], dr["lattice_a_std"].values[0, j]
+    print(f"  refined: fraction {fr[j]:.4f}, largest other "
+          f"{max(f for i, f in enumerate(fr) if i != j):.4f}, a = {ar:.5f} ± {sr:.5f} Å, "
+          f"size {dr['size_nm'].values[0, j]:.0f} nm, zero shift "
+          f"{dr['zero_shift'].values[0]:+.4f}°, Rwp {dr['rwp_refined'].values[0]:.3f}"
+          + (f"; vs 5.4116 Å: {ar - 5.4116:+.5f} Å" if phase == "CeO2" else ""))
+    if figure:
+        save_fit_figure(model, y, x, ds, dr, phase, figure)
+        print(f"  saved {figure}")
     return ds, ex
+
+
+def save_fit_figure(model, y, x, ds, dr, phase, path):
+    """Measured pattern, the pattern the network's estimate implies (``explain``: its own
+    background), the refined fit, and the residuals of both (on the model's grid)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tt = model.two_theta
+    net = model.explain(y, ds=ds, two_theta=x)
+    ref = model.refine(y, ds=ds, two_theta=x, implied=True)
+    meas = model.resample(y, x)[0]
+    fit = ref["implied_refined"].values[0]
+    fig, (a, b) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, height_ratios=[3, 2],
+                               constrained_layout=True)
+    a.plot(tt, meas, "k.", ms=2, label="measured")
+    a.plot(tt, net["implied"][0], lw=0.8, label=f"PQ-Net (Rwp {net['rwp'][0]:.3f})")
+    a.plot(tt, fit, lw=0.8, label=f"+ refinement (Rwp {ref['rwp_refined'].values[0]:.3f})")
+    a.set_yscale("log")
+    a.set_ylabel("counts")
+    a.legend(fontsize=8)
+    j = model.phases.index(phase)
+    a.set_title(f"{phase}: a = {ds['lattice_a'].values[0, j]:.5f} Å (network), "
+                f"{dr['lattice_a'].values[0, j]:.5f} ± {dr['lattice_a_std'].values[0, j]:.5f} Å "
+                "(refined)", fontsize=9)
+    b.plot(tt, net["residual"][0], lw=0.6, label="measured − PQ-Net")
+    b.plot(tt, meas - fit, lw=0.6, label="measured − refined")
+    b.set_xlabel("2θ (°)")
+    b.set_ylabel("residual (counts)")
+    b.legend(fontsize=8)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def save_refinement_card(weights, entry):
+    """Write the refinement calibration into the card beside the model's weights."""
+    import json
+    from pathlib import Path
+
+    from bluesky_xrdml.models import pqnet
+    from bluesky_xrdml.models import weights as weights_io
+
+    path = Path(weights or pqnet.SHIPPED)
+    if not path.exists():
+        path = weights_io.WEIGHTS_DIR / f"{path.stem}.safetensors"
+    path = path.with_suffix(".json")
+    if not path.exists():
+        raise SystemExit(f"--save-card: no card at {path}")
+    card = json.loads(path.read_text())
+    card["refinement"] = entry
+    path.write_text(json.dumps(card, indent=2, sort_keys=True))
+    print(f"wrote the refinement calibration into {path}")
 
 
 def save_figure(images, phases, path, phantom):

@@ -104,6 +104,22 @@ class ArchivedRun:
             }
 
 
+def primary_stream(client, uid: str, where: str = "the catalog"):
+    """``(ArchivedRun, its 'primary' ArchivedStream, the descriptor's configuration values
+    merged over devices)`` of run ``uid``; ValueError saying what is missing."""
+    try:
+        run = ArchivedRun(client[uid])
+    except KeyError:
+        raise ValueError(f"no run {uid!r} in the catalog at {where}") from None
+    stream = next((s for s in run.streams if s.name == "primary"), None)
+    if stream is None:
+        raise ValueError(f"run {uid} has no 'primary' stream")
+    config = {}
+    for obj in (stream.descriptor.get("configuration") or {}).values():
+        config.update((obj or {}).get("data", {}))
+    return run, stream, config
+
+
 def stream_table(stream):
     """A stream's scalar data as one DataFrame sorted by ``seq_num``: TiledWriter's
     ``internal`` table (split into ``internal_0``, ``internal_1``, ... when wide)."""

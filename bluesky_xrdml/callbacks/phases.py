@@ -58,6 +58,12 @@ class PhaseQuantification:
     implies, on the model's grid) per pattern, and a pattern with ``unexplained`` above
     ``poor_fit`` (default the model's ``POOR_FIT``) a row in the ``flags`` stream, which
     does not fail the run.
+
+    ``refine=True``: every pattern's network estimate is refined by a full-profile fit of
+    the phases judged present (``model.refine``, PQ-Net's ``analysis.refine``): lattice
+    parameters to ~0.001 Å and sizes to ~10 % instead of the network's ~0.007 Å and
+    ~25 %, at ~0.1-0.5 s a pattern on one core instead of ~1 ms. Maps and rows carry the
+    refined values; XRD-CT voxels keep the network's (thousands of voxels).
     """
 
     name = "pqnet"
@@ -65,8 +71,9 @@ class PhaseQuantification:
 
     def __init__(self, weights=None, device: str = "auto", model=None, rank: int | None = 64,
                  min_intensity: float = 0.05, tolerance_deg: float = 1e-4, explain: bool = True,
-                 poor_fit: float | None = None):
+                 poor_fit: float | None = None, refine: bool = False):
         self.model, self.error = model, ""
+        self.refine = bool(refine)
         self.rank, self.min_intensity, self.tolerance = rank, min_intensity, tolerance_deg
         self.explain, self.poor_fit = explain, poor_fit
         if model is None:
@@ -91,7 +98,12 @@ class PhaseQuantification:
             return {"error": self.error}
         return {"phases": list(self.model.phases), "parameters": self.parameters,
                 "rank": self.rank, "min_intensity": self.min_intensity,
-                "explain": self._explains, "poor_fit": self._threshold}
+                "explain": self._explains, "poor_fit": self._threshold,
+                "refine": self._refines}
+
+    @property
+    def _refines(self) -> bool:
+        return bool(self.refine and self.model is not None and hasattr(self.model, "refine"))
 
     @property
     def _explains(self) -> bool:
@@ -209,6 +221,8 @@ class PhaseQuantification:
         if good:
             y = np.stack([g[1] for g in good])
             ds = self.model.predict(y)
+            if self._refines:
+                ds = self.model.refine(y, ds)
             rows = self._rows(ds, [g[0] for g in good], route)
             if self._explains:
                 residuals, flags = self._explain(y, ds, rows, route)

@@ -133,6 +133,78 @@ def _three_index(hkl) -> tuple[int, int, int]:
     return (hkl[0], hkl[1], hkl[3]) if len(hkl) == 4 else hkl
 
 
+def _laue_ops(system: str) -> np.ndarray:
+    """Integer matrices (n, 3, 3) of the holohedral Laue group of a crystal system, acting
+    on Miller indices as row vectors (hexagonal/trigonal: 3-index hexagonal axes)."""
+    inv = -np.eye(3, dtype=int)
+    gens = {
+        "cubic": [[[0, 1, 0], [0, 0, 1], [1, 0, 0]], [[0, 1, 0], [-1, 0, 0], [0, 0, 1]]],
+        "tetragonal": [[[0, 1, 0], [-1, 0, 0], [0, 0, 1]], [[1, 0, 0], [0, -1, 0], [0, 0, -1]]],
+        "hexagonal": [[[1, -1, 0], [1, 0, 0], [0, 0, 1]], [[0, 1, 0], [1, 0, 0], [0, 0, 1]],
+                      [[1, 0, 0], [0, 1, 0], [0, 0, -1]]],
+        "orthorhombic": [[[-1, 0, 0], [0, 1, 0], [0, 0, 1]], [[1, 0, 0], [0, -1, 0], [0, 0, 1]]],
+        "monoclinic": [[[-1, 0, 0], [0, 1, 0], [0, 0, -1]]],
+    }
+    gens["trigonal"] = gens["hexagonal"]
+    mats = [np.array(g, int) for g in gens.get(system, [])] + [inv]
+    group = {np.eye(3, dtype=int).tobytes(): np.eye(3, dtype=int)}
+    frontier = list(group.values())
+    while frontier:  # closure under products with the generators
+        new = []
+        for m in frontier:
+            for g in mats:
+                prod = m @ g
+                key = prod.tobytes()
+                if key not in group:
+                    group[key] = prod
+                    new.append(prod)
+        frontier = new
+    return np.stack(list(group.values()))
+
+
+def march_dollase_cos2(pk: PeakList, axis=(0, 0, 1)) -> list[np.ndarray]:
+    """Per reflection of ``pk``: cos² of the angle between each symmetry-equivalent
+    scattering vector and the preferred-orientation axis (the normal of plane ``axis``)."""
+    lengths = np.asarray(pk.lengths or (pk.a,) * 3, float)
+    cos = np.cos(np.radians(pk.angles))
+    metric = np.outer(lengths, lengths) * np.array(
+        [[1, cos[2], cos[1]], [cos[2], 1, cos[0]], [cos[1], cos[0], 1]])
+    g_star = np.linalg.inv(metric)
+    u = np.asarray(axis, float)
+    uu = u @ g_star @ u
+    ops = _laue_ops(pk.system)
+    out = []
+    for hkl in pk.hkl:
+        h = np.array(_three_index(hkl), float)
+        if not h.any():  # a reflection without indices (impurity banks): no texture
+            out.append(np.array([]))
+            continue
+        eq = np.unique((ops @ h).reshape(-1, 3), axis=0)
+        num = eq @ g_star @ u
+        den = np.einsum("ij,jk,ik->i", eq, g_star, eq) * uu
+        out.append(np.clip(num**2 / den, 0.0, 1.0))
+    return out
+
+
+def march_dollase(cos2: list[np.ndarray], r: np.ndarray) -> np.ndarray:
+    """March-Dollase intensity factors (N, K) for March coefficients ``r`` (N,): per
+    reflection the mean over its equivalents of (r² cos²α + sin²α / r)^(-3/2) (r = 1: none;
+    r < 1: plates with the axis along the beam-sample normal, r > 1: needles)."""
+    r = np.asarray(r, float).reshape(-1, 1)
+    return np.stack([np.mean((r**2 * c + (1 - c) / r) ** -1.5, axis=1) if c.size
+                     else np.ones(len(r)) for c in cos2], axis=1)
+
+
+def capillary_absorption(two_theta: np.ndarray, mu_r) -> np.ndarray:
+    """Relative transmission of a cylindrical (capillary) sample of μR ``mu_r`` at
+    ``two_theta`` (degrees), normalised to 1 at 2θ = 0: the Hewat approximation
+    T ∝ exp(-(1.7133 - 0.0368 sin²θ) μR + (0.0927 + 0.375 sin²θ) (μR)²), valid for μR ≲ 1.5
+    (absorption takes more from low angles)."""
+    s2 = np.sin(np.radians(np.asarray(two_theta, float)) / 2) ** 2
+    m = np.asarray(mu_r, float)
+    return np.exp(0.0368 * s2 * m + 0.375 * s2 * m**2)
+
+
 def crystal_system(structure: Structure) -> str:
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
@@ -228,7 +300,10 @@ class Ranges:
     - ``humps``: up to this share of the counts in 1-3 broad amorphous humps (glass,
       capillary, Kapton, liquid), FWHM 1-8°;
     - ``impurity`` with probability ``p_impurity``: up to this share of the counts in
-      1-2 crystalline phases outside the model (random cells, see ``impurity_bank``).
+      1-2 crystalline phases outside the model (random cells, see ``impurity_bank``);
+    - ``preferred_orientation``: per phase a March-Dollase coefficient r, log-uniform in
+      [1/(1 + this), 1 + this], texture along the normal of (001) (``march_dollase``);
+    - ``absorption``: a capillary's μR uniform in [0, this] (``capillary_absorption``).
     """
 
     lattice_rel: float = 0.01
@@ -244,19 +319,23 @@ class Ranges:
     humps: float = 0.0
     impurity: float = 0.0
     p_impurity: float = 0.5
+    preferred_orientation: float = 0.0
+    absorption: float = 0.0
 
     @classmethod
     def measured(cls, **kwargs) -> Ranges:
         """Ranges with the instrument and sample effects a measured pattern shows switched
         on (the defaults of ``xrdml train pqnet``)."""
         base = dict(zero_shift=0.01, displacement=0.01, debye_waller=1.5,
-                    intensity_jitter=0.15, humps=0.3, impurity=0.15, p_impurity=0.4)
+                    intensity_jitter=0.15, humps=0.3, impurity=0.15, p_impurity=0.4,
+                    preferred_orientation=0.25, absorption=0.5)
         return cls(**{**base, **kwargs})
 
     @property
     def effects(self) -> bool:
         return any((self.zero_shift, self.displacement, self.debye_waller,
-                    self.intensity_jitter, self.humps, self.impurity))
+                    self.intensity_jitter, self.humps, self.impurity,
+                    self.preferred_orientation, self.absorption))
 
     def as_dict(self) -> dict:
         return {"lattice_rel": self.lattice_rel, "size_nm": list(self.size_nm),
@@ -265,6 +344,8 @@ class Ranges:
                 "zero_shift": self.zero_shift, "displacement": self.displacement,
                 "debye_waller": self.debye_waller, "intensity_jitter": self.intensity_jitter,
                 "humps": self.humps, "impurity": self.impurity, "p_impurity": self.p_impurity,
+                "preferred_orientation": self.preferred_orientation,
+                "absorption": self.absorption,
                 "size_distribution": "uniform", "counts_distribution": "log-uniform"}
 
     @classmethod
@@ -300,12 +381,16 @@ class Sample:
 class Effects:
     """Per-pattern instrument/sample effects (None: off): ``shift`` (N,) zero shift in
     degrees, ``displacement`` (N,) coefficient of cos θ in degrees, ``b_factor`` (N, P) Å²,
-    ``jitter`` name -> (N, K) intensity factors per reflection."""
+    ``jitter`` name -> (N, K) intensity factors per reflection, ``march`` (N, P)
+    March-Dollase r (texture along ``po_axis``), ``mu_r`` (N,) capillary μR."""
 
     shift: np.ndarray | None = None
     displacement: np.ndarray | None = None
     b_factor: np.ndarray | None = None
     jitter: dict | None = None
+    march: np.ndarray | None = None
+    mu_r: np.ndarray | None = None
+    po_axis: tuple = (0, 0, 1)
 
 
 class PowderSimulator:
@@ -359,6 +444,7 @@ class PowderSimulator:
         self.nominal_a = np.array([self.peaks[n].a for n in self.names])
         self._fast: dict = {}
         self._bank: list[PeakList] | None = None
+        self._po: dict = {}  # (phase, axis) -> March-Dollase cos² per reflection
 
     @property
     def free(self) -> dict[str, tuple[str, ...]]:
@@ -384,16 +470,24 @@ class PowderSimulator:
                 inten = inten * np.exp(-effects.b_factor[rows, j, None] / (2 * d**2))
             if effects.jitter is not None and name in effects.jitter:
                 inten = inten * effects.jitter[name][rows]
+            if effects.march is not None and name is not None:
+                key = (name, tuple(effects.po_axis))
+                if key not in self._po:
+                    self._po[key] = march_dollase_cos2(pk, effects.po_axis)
+                inten = inten * march_dollase(self._po[key], effects.march[rows, j])
         pos, wts = [], []
         for lam, ratio in self.instrument.lines:
             p = _bragg(lam, d) + self.instrument.zero
+            w = inten * ratio
             if effects is not None:
+                if effects.mu_r is not None:
+                    w = w * capillary_absorption(p, effects.mu_r[rows, None])
                 if effects.shift is not None:
                     p = p + effects.shift[rows, None]
                 if effects.displacement is not None:
                     p = p + effects.displacement[rows, None] * np.cos(np.radians(p) / 2)
             pos.append(p)
-            wts.append(inten * ratio)
+            wts.append(w)
         return np.concatenate(pos, axis=1), np.concatenate(wts, axis=1)
 
     def _widths(self, centers: np.ndarray, size_nm: np.ndarray):
@@ -721,7 +815,8 @@ class PowderSimulator:
         return rng.poisson(np.clip(expected, 0, None)).astype(np.float64)
 
     def draw_effects(self, n: int, rng: np.random.Generator, r: Ranges) -> Effects | None:
-        if not (r.zero_shift or r.displacement or r.debye_waller or r.intensity_jitter):
+        if not (r.zero_shift or r.displacement or r.debye_waller or r.intensity_jitter
+                or r.preferred_orientation or r.absorption):
             return None
         eff = Effects()
         if r.zero_shift:
@@ -733,6 +828,11 @@ class PowderSimulator:
         if r.intensity_jitter:
             eff.jitter = {name: np.exp(r.intensity_jitter * rng.standard_normal(
                 (n, self.peaks[name].d.size))) for name in self.names}
+        if r.preferred_orientation:
+            lim = np.log1p(r.preferred_orientation)
+            eff.march = np.exp(rng.uniform(-lim, lim, (n, len(self.names))))
+        if r.absorption:
+            eff.mu_r = rng.uniform(0.0, r.absorption, n)
         return eff
 
     def sample(self, n: int, rng: np.random.Generator, ranges: Ranges | None = None,

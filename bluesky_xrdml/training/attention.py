@@ -402,29 +402,20 @@ def runs_dataset(catalog_uri: str, uids: list[str], *, pattern: str, voltage: st
     runs) → (patterns, two_theta, wavelength, voltage, mode, rate, cycle, instrument FWHM in
     degrees 2θ: the argument, else the configuration's ``instrument_fwhm``, else 0)."""
     from .. import catalog
-    from ..archive import ArchivedRun
+    from ..archive import primary_stream
 
     client = catalog.connect(catalog_uri)
     ys, vs, ms, rs, cs = [], [], [], [], []
     tt_all, wl_all = None, None
     offset = 0
     for uid in uids:
-        try:
-            run = ArchivedRun(client[uid])
-        except KeyError:
-            raise ValueError(f"no run {uid!r} in the catalog at {catalog_uri}") from None
-        stream = next((s for s in run.streams if s.name == "primary"), None)
-        if stream is None:
-            raise ValueError(f"run {uid} has no 'primary' stream")
+        _, stream, config = primary_stream(client, uid, catalog_uri)
         keys = list(stream.descriptor["data_keys"])
         for k in (pattern, voltage, mode, rate):
             if k not in keys:
                 raise ValueError(f"run {uid}: no data key {k!r} in 'primary' (it has: "
                                  f"{sorted(keys)})")
         tt, wl = two_theta, wavelength
-        config = {}
-        for obj in (stream.descriptor.get("configuration") or {}).values():
-            config.update((obj or {}).get("data", {}))
         if tt is None:
             tt = next((v for k, v in config.items() if k.endswith("two_theta")), None)
         if wl is None:

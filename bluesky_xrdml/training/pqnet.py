@@ -213,7 +213,7 @@ def evaluate(pred: dict, truth: dict, fraction: np.ndarray, present: np.ndarray,
 def predictions(ds) -> dict:
     """An ``xarray.Dataset`` from ``PQNetPredictor.predict`` → name -> (mean, std)."""
     return {k: (ds[k].values, ds[f"{k}_std"].values) for k in ds.data_vars
-            if not k.endswith("_std")}
+            if not k.endswith("_std") and f"{k}_std" in ds and ds[k].ndim == 2}
 
 
 def calibrate(predictor: pq.PQNetPredictor, sim: PowderSimulator, sample: Sample,
@@ -234,6 +234,34 @@ def calibrate(predictor: pq.PQNetPredictor, sim: PowderSimulator, sample: Sample
         scales[key] = float(np.quantile(z, target)) if z.size else 1.0
     predictor.std_scale = scales
     return scales
+
+
+def calibrate_refinement(predictor: pq.PQNetPredictor, sim: PowderSimulator, sample: Sample,
+                         target: float = 0.95, **options) -> dict:
+    """Per-output factors on the refinement's covariance standard deviations (like
+    ``calibrate`` for the ensemble) so that ``target`` of held-out truths lie within ±2σ:
+    lattice, size and fraction over the refined phases with fraction ≥ ``METRIC_FRACTION``,
+    scale over every refined phase. Sets the predictor's card ``refinement`` entry
+    (``std_scale``, ``n_patterns``, ``options``) and returns it."""
+    predictor.card["refinement"] = {"std_scale": {}}
+    predictor._refiners = {}
+    ds = predictor.refine(sample.counts, **options)
+    pred = predictions(ds)
+    truth = truth_arrays(sim, sample)
+    use = ds["refined"].values
+    sel = use & sample.present & (sample.fraction >= METRIC_FRACTION)
+    scales = {}
+    for key, (mu, sd) in pred.items():
+        if key not in truth:
+            continue
+        ok = (use if key == "scale" else sel) & np.isfinite(truth[key]) & (sd > 0)
+        z = np.abs(mu - truth[key])[ok] / (2 * sd[ok])
+        scales[key] = float(np.quantile(z, target)) if z.size else 1.0
+    entry = {"std_scale": scales, "n_patterns": int(len(sample.counts)),
+             "target_coverage_2sigma": target, "options": dict(options)}
+    predictor.card["refinement"] = entry
+    predictor._refiners = {}
+    return entry
 
 
 def presence_metrics(probability: np.ndarray, fraction: np.ndarray, present: np.ndarray,
@@ -342,6 +370,7 @@ def train(phases: dict, out: str | Path, *, wavelength: float = 0.1771,
           minutes: float | None = None, seed: int = 0, arch: dict | None = None,
           n_validation: int = 2000, name: str | None = None, version: str = "1.0",
           presence: bool = True, references: dict | None = None, reference_steps: int = 300,
+          runs: dict | None = None, run_steps: int = 300,
           resume: str | Path | None = None, calibration: dict | None = None, log=print,
           progress: bool = True) -> dict:
     """Train an ensemble for ``phases`` (name -> Structure), save weights + card + loss
@@ -354,7 +383,8 @@ def train(phases: dict, out: str | Path, *, wavelength: float = 0.1771,
     fine-tune on afterwards for ``reference_steps`` steps (see ``finetune_references``).
     ``resume``: weights of an earlier run of the same phases, grid and architecture to
     continue from (pass a lower ``lr``). ``calibration``: where the instrument profile came
-    from (file, calibrant, fit quality), recorded in the card."""
+    from (file, calibrant, fit quality), recorded in the card. ``runs``: labelled measured
+    patterns (``pqnet_runs.runs_dataset``) to fine-tune on for ``run_steps`` steps last."""
     from ..simulation.instrument import Instrument
 
     t_start = time.monotonic()
@@ -437,6 +467,14 @@ def train(phases: dict, out: str | Path, *, wavelength: float = 0.1771,
         card["training"]["references"] = finetune_references(
             ensemble, sim, targets, ranges, references, steps=reference_steps, batch=batch,
             lr=lr / 5, seed=seed + 1, log=log, progress=progress)
+    if runs:
+        from .pqnet_runs import finetune_runs
+
+        log(f"fine-tuning on {len(runs['patterns'])} labelled patterns of "
+            f"{len(runs['uids'])} run(s)")
+        card["training"]["runs"] = finetune_runs(
+            ensemble, sim, targets, ranges, runs, steps=run_steps, batch=batch, lr=lr / 5,
+            seed=seed + 2, log=log, progress=progress)
     predictor = pq.PQNetPredictor(ensemble, card)
     rng = np.random.default_rng(seed + 10_000)
     log(f"calibrating and validating on {n_validation} held-out patterns (exact simulator)")
@@ -572,7 +610,8 @@ def train_pqnet_command(
              "monochromatic beam")] = "auto",
     effects: Annotated[bool, typer.Option(
         help="simulate what measured patterns show: zero shift, sample displacement, "
-             "intensity fall-off and texture, amorphous humps, impurity phases")] = True,
+             "intensity fall-off, March-Dollase texture, capillary absorption, amorphous "
+             "humps, impurity phases")] = True,
     presence: Annotated[bool, typer.Option(
         help="presence heads: a calibrated probability per phase, absent phases take no "
              "share")] = True,
@@ -581,6 +620,18 @@ def train_pqnet_command(
              "fine-tune on after training (repeatable)")] = None,
     reference_steps: Annotated[int, typer.Option(
         help="fine-tuning steps on the references")] = 300,
+    from_runs: Annotated[list[str] | None, typer.Option(
+        "--from-runs", help="uid of a labelled run in --catalog to fine-tune on (its start "
+                            "document's sample.phases or <phase>_fraction keys); further "
+                            "uids may follow it (--from-runs UID [UID ...])")] = None,
+    more_uids: Annotated[list[str] | None, typer.Argument(
+        metavar="[UID ...]", help="further run uids for --from-runs", show_default=False)] = None,
+    catalog_uri: Annotated[str | None, typer.Option(
+        "--catalog", help="Tiled URI of the runs' catalog (API key from $TILED_API_KEY)")] = None,
+    pattern: Annotated[str | None, typer.Option(
+        help="data key of the 1D pattern in the runs (default: the one with a 2θ axis)")] = None,
+    run_steps: Annotated[int, typer.Option(
+        help="fine-tuning steps on the runs' patterns")] = 300,
     resume: Annotated[Path | None, typer.Option(
         help="continue training these weights (same phases and grid)")] = None,
     lr: Annotated[float, typer.Option(help="peak learning rate")] = 2e-3,
@@ -643,6 +694,18 @@ def train_pqnet_command(
                           f"{lab.wavelength} Å + Kα2 {lab.wavelength2} Å (ratio "
                           f"{lab.ratio2}); --anode none for a monochromatic beam")
         refs = parse_references(reference)
+        runs = None
+        if more_uids and not from_runs:
+            raise ValueError(f"unexpected argument(s) {more_uids}: uids follow --from-runs")
+        if from_runs:
+            from .pqnet_runs import runs_dataset
+
+            if not catalog_uri:
+                raise ValueError("--from-runs needs --catalog URI (the Tiled server of the runs)")
+            uids = [u for arg in [*from_runs, *(more_uids or [])]
+                    for u in arg.replace(",", " ").split()]
+            runs = runs_dataset(catalog_uri, uids, list(phases), np.linspace(*tt), wavelength,
+                                pattern=pattern, log=console.print)
     except (ValueError, FileNotFoundError) as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(2) from None
@@ -656,7 +719,8 @@ def train_pqnet_command(
                      members=members, steps=steps, batch=batch, pool=pool, reuse=reuse,
                      minutes=minutes, seed=seed, n_validation=validation, name=name,
                      version=version, presence=presence, references=refs,
-                     reference_steps=reference_steps, resume=resume, lr=lr,
+                     reference_steps=reference_steps, resume=resume, lr=lr, runs=runs,
+                     run_steps=run_steps,
                      calibration=calibration,
                      log=console.print)
     except ValueError as err:
