@@ -129,6 +129,44 @@ def test_tiny_training_beats_the_patch_centre_guess(tmp_path, one_thread):
     assert np.allclose(mine.predict(val["patches"][:5]), predictor.predict(val["patches"][:5]))
 
 
+def test_residual_network_corrects_the_centroid_and_reloads_as_residual(tmp_path):
+    sim = simulate_patches(200, seed=4, kinds=["isolated"])
+    patches = sim["patches"].astype(np.float64)
+    # the base: the centroid of the pixels above 10 % of the peak over the border's (lower)
+    # median
+    border = np.sort(np.concatenate(
+        [patches[:, 0], patches[:, -1], patches[:, 1:-1, 0], patches[:, 1:-1, -1]], 1), 1)
+    signal = np.clip(patches - border[:, 19, None, None], 0, None)
+    signal = np.clip(signal - 0.1 * signal.max(axis=(1, 2))[:, None, None], 0, None)
+    idx = np.arange(11)
+    expected = np.stack([signal.sum(2) @ idx, signal.sum(1) @ idx], 1) / signal.sum(
+        axis=(1, 2))[:, None]
+    base = bnn.patch_centroid(bnn.scale_patches(patches)).double().numpy()
+    assert np.allclose(base, expected, atol=1e-3)
+    # a residual network whose correction is zero returns that centroid
+    net = bnn.BraggNNEnsemble(1, seed=0,
+                              **bnn.arch_kwargs(bnn.architecture(**bnn.LEAN_RESIDUAL)))
+    assert net.members[0].residual
+    with torch.no_grad():
+        net.members[0].dense[-1].weight[:2] = 0
+    predictor = bnn.BraggNNPredictor(net)
+    assert np.allclose(predictor.predict(patches), expected, atol=1e-3)
+    # the bright compact spots: the base alone is already close to the truth
+    err = np.hypot(*(expected - sim["centre"]).T)[sim["snr"] > 30]
+    assert np.median(err) < 0.1
+    # saved without any architecture in the card, the weights still load as residual
+    from bluesky_xrdml.models import weights
+
+    torch.manual_seed(3)
+    with torch.no_grad():
+        net.members[0].dense[-1].weight[:2] = 0.01 * torch.randn(2, 32)
+    weights.save(tmp_path / "res.safetensors", bnn.tensors(net),
+                 {"model": "braggnn", "name": "res", "version": "0"})
+    again = load_model(str(tmp_path / "res.safetensors"))
+    assert again.ensemble.members[0].residual
+    assert np.allclose(again.predict(patches), predictor.predict(patches), atol=1e-5)
+
+
 def nearest(truth, table):
     d = np.hypot(truth["row"].to_numpy()[:, None] - table["row"].to_numpy()[None],
                  truth["col"].to_numpy()[:, None] - table["col"].to_numpy()[None])
@@ -309,18 +347,22 @@ def test_finetune_on_real_frames_from_a_frame_cache(tmp_path):
     from conftest import shared_data
 
     path = shared_data("ruby_dexela", RUBY)
+    other = path.with_name(RUBY.replace("ff1", "ff2"))  # the second panel
     out = tmp_path / "ruby.safetensors"
     result = CliRunner().invoke(app, ["train", "braggnn", "--frame-cache", str(path),
-                                      "--frame-step", "24", "--max-frames", "40", "--epochs",
+                                      "--frame-cache", str(other), "--frame-range", "0:720",
+                                      "--frame-step", "24", "--max-frames", "20", "--epochs",
                                       "3", "--out", str(out), "--threads", "1"])
     assert result.exit_code == 0, result.output
+    assert result.output.count(": 20 frames") == 2  # frames 0, 24, .., 456 of each panel
     assert "held-out spots" in result.output
     # output captured (not a terminal): a plain progress line per epoch, with the time left
     epochs = re.findall(r"BraggNN: epoch (\d)/3 \| train rmse [\d.]+ px.* elapsed, ~\S+ left",
                         result.output)
     assert epochs == ["1", "2", "3"], result.output
     card = json.loads(out.with_suffix(".json").read_text())
-    assert card["training"]["data"]["frame_cache"] == str(path)
+    assert card["training"]["data"]["frame_cache"] == [str(path), str(other)]
+    assert card["training"]["data"]["frame_range"] == "0:720"
     assert card["training"]["labelled"]["labelled"] >= 15
     assert card["training"]["labels"].startswith("whole-spot fits")
     m = card["metrics"]["held_out_error_vs_labels_px"]
@@ -328,3 +370,6 @@ def test_finetune_on_real_frames_from_a_frame_cache(tmp_path):
     assert load_model(str(out)).provenance()["sha256"] == card["sha256"]
     bad = CliRunner().invoke(app, ["train", "braggnn", "--frame-cache", str(tmp_path / "no.npz")])
     assert bad.exit_code != 0 and "no frame cache" in bad.output
+    bad = CliRunner().invoke(app, ["train", "braggnn", "--frame-cache", str(path),
+                                   "--frame-range", "a:b"])
+    assert bad.exit_code != 0 and "START:STOP" in bad.output
