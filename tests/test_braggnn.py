@@ -132,15 +132,19 @@ def test_tiny_training_beats_the_patch_centre_guess(tmp_path, one_thread):
 def test_residual_network_corrects_the_centroid_and_reloads_as_residual(tmp_path):
     sim = simulate_patches(200, seed=4, kinds=["isolated"])
     patches = sim["patches"].astype(np.float64)
-    # the base: the centroid of the pixels above 10 % of the peak over the border's (lower)
-    # median
-    border = np.sort(np.concatenate(
-        [patches[:, 0], patches[:, -1], patches[:, 1:-1, 0], patches[:, 1:-1, -1]], 1), 1)
-    signal = np.clip(patches - border[:, 19, None, None], 0, None)
-    signal = np.clip(signal - 0.1 * signal.max(axis=(1, 2))[:, None, None], 0, None)
+    # the base: the centroid of the pixels above 10 % of the peak and 2σ of the noise over
+    # the border's (lower) median
+    border = np.concatenate(
+        [patches[:, 0], patches[:, -1], patches[:, 1:-1, 0], patches[:, 1:-1, -1]], 1)
+    bg = np.sort(border, 1)[:, 19]
+    noise = 1.4826 * np.sort(np.abs(border - bg[:, None]), 1)[:, 19]
+    signal = np.clip(patches - bg[:, None, None], 0, None)
+    cut = np.maximum(0.1 * signal.max(axis=(1, 2)), 2 * noise)
+    signal = np.clip(signal - cut[:, None, None], 0, None)
     idx = np.arange(11)
-    expected = np.stack([signal.sum(2) @ idx, signal.sum(1) @ idx], 1) / signal.sum(
-        axis=(1, 2))[:, None]
+    total = signal.sum(axis=(1, 2))[:, None]
+    expected = np.stack([signal.sum(2) @ idx, signal.sum(1) @ idx], 1) / np.maximum(total, 1)
+    expected[total[:, 0] == 0] = 5.0  # nothing above the cut: the patch centre
     base = bnn.patch_centroid(bnn.scale_patches(patches)).double().numpy()
     assert np.allclose(base, expected, atol=1e-3)
     # a residual network whose correction is zero returns that centroid
@@ -165,6 +169,38 @@ def test_residual_network_corrects_the_centroid_and_reloads_as_residual(tmp_path
     again = load_model(str(tmp_path / "res.safetensors"))
     assert again.ensemble.members[0].residual
     assert np.allclose(again.predict(patches), predictor.predict(patches), atol=1e-5)
+
+
+def test_networks_of_two_architectures_combine_by_their_variances(tmp_path):
+    from bluesky_xrdml.models import weights
+
+    paths = []
+    for i, arch in enumerate((bnn.LEAN, bnn.LEAN_RESIDUAL)):
+        net = bnn.BraggNNEnsemble(1, seed=i, **bnn.arch_kwargs(bnn.architecture(**arch)))
+        paths.append(tmp_path / f"part{i}.safetensors")
+        weights.save(paths[-1], bnn.tensors(net), {"model": "braggnn", "name": f"part{i}",
+                                                  "version": str(i)})
+    out = tmp_path / "pair.safetensors"
+    result = CliRunner().invoke(app, ["train", "braggnn", "--combine", str(paths[0]),
+                                      "--combine", str(paths[1]), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["members"] == 2 and [a.get("residual", False) for a in
+                                     card["architecture"]["members"]] == [False, True]
+    assert [p["version"] for p in card["combined_from"]] == ["0", "1"]
+    assert out.with_suffix(".png").exists()
+    pair = load_model(str(out))
+    assert [m.residual for m in pair.ensemble.members] == [False, True]
+    # each peak: the members' centres weighted by their inverse predicted variances
+    patches = simulate_patches(50, seed=3)["patches"]
+    y = pair.raw(patches)
+    w = 1 / (np.exp(y[..., 2:]) * 121)
+    expected = (w * y[..., :2]).sum(0) / w.sum(0)
+    centre, std = pair.predict(patches, return_std=True)
+    assert np.allclose(centre, expected, atol=1e-9) and np.all(std > 0)
+    bad = CliRunner().invoke(app, ["train", "braggnn", "--combine", str(paths[0]), "--out",
+                                   str(out)])
+    assert bad.exit_code != 0 and "at least two" in bad.output
 
 
 def nearest(truth, table):

@@ -329,6 +329,95 @@ def train_from_simulation(out: str | Path, *, epochs: int = 40, patches_per_epoc
     return card
 
 
+def combine(paths, out: str | Path, *, seed: int = 0, n_val: int = 20_000,
+            version: str = "3.0", log=print) -> dict:
+    """One model of the networks of several weights files (e.g. the lean network and the
+    lean residual one), combined per peak by their learned variances (inverse-variance
+    weighted mean: ``BraggNNPredictor.predict``), calibrated on ``n_val`` held-out
+    simulated patches, saved with a card that records each part's provenance, training
+    and per-kind metrics beside the combination's."""
+    parts = [bnn.load(p) for p in paths]
+    if len(parts) < 2:
+        raise ValueError("combine needs at least two weights files")
+    nets, archs = [], []
+    for part in parts:
+        if part.ensemble.outputs != 4:
+            raise ValueError(f"{part.name} has no variance head; only networks with one "
+                             "(--arch lean, lean-residual) can be combined by their variances")
+        for i, net in enumerate(part.ensemble.members):
+            nets.append(bnn.copy_ensemble(net).to(memory_format=torch.contiguous_format))
+            archs.append(bnn.architecture(**{k: v for k, v in bnn.arch_of(
+                bnn.tensors(part.ensemble), part.card, i).items()
+                if k in ("channels", "fc", "inter", "outputs", "residual", "patch", "slope")}))
+    ensemble = bnn.BraggNNEnsemble(nets=nets)
+    predictor = bnn.BraggNNPredictor(ensemble)
+    val = simulate_patches(n_val, seed=[seed, 10_000_000])
+    cal = calibrate(predictor, val["patches"], val["centre"], val["kind"])
+    part_metrics = {}
+    for part in parts:
+        part.std_scale = 1.0
+        err = np.hypot(*(part.predict(val["patches"]) - val["centre"]).T)
+        part_metrics[part.card.get("version", part.name)] = {
+            k: percentiles(err[val["kind"] == k]) for k in np.unique(val["kind"])}
+    card = _card("simulation", len(nets), seed, {
+        "version": version,
+        "architecture": {"class": "BraggNN ensemble", "members": archs,
+                         "combination": "inverse-variance weighted mean of the members' "
+                         "centres (their variance heads)"},
+        "parameters_per_member": [bnn.n_parameters(n) for n in nets],
+        "flops_per_patch_per_member": [bnn.flops_per_patch(n) for n in nets],
+        "flops_per_patch": sum(bnn.flops_per_patch(n) for n in nets),
+        "combined_from": [{**weights_io.provenance(p.card), "file": str(path),
+                           "architecture": p.card.get("architecture"),
+                           "training": p.card.get("training"), "history": p.card.get("history")}
+                          for p, path in zip(parts, paths)],
+        "training": {"data": "simulated patches (each part's own training; see combined_from)",
+                     "recipe": RECIPE, "labels": "true centres (intensity centroid of the "
+                     "whole spot)", "ensemble": "networks of different architectures, "
+                     "combined by their learned variances"},
+        "validation": {"patches": n_val, "seed": [seed, 10_000_000], "kinds": list(KINDS)},
+        "metrics": cal["error_vs_truth_px"],
+        "metrics_of_parts": part_metrics,
+        "calibration": cal["calibration"],
+        "std_scale": cal["std_scale"],
+        "uncertain_std_px": cal["uncertain_std_px"],
+    })
+    card = weights_io.save(out, bnn.tensors(ensemble), card)
+    histories = [p.card.get("history") or [] for p in parts]
+    _plot_parts(histories, [p.card.get("architecture", {}).get("output", "") for p in parts],
+                Path(out).with_suffix(".png"))
+    log(f"combined {len(nets)} networks; validation vs truth p75 "
+        f"{cal['error_vs_truth_px']['all']['p75']:.3f} px")
+    return card
+
+
+def _plot_parts(histories, outputs, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    for i, (history, output) in enumerate(zip(histories, outputs)):
+        what = "residual" if "learned correction" in output else "absolute"
+        x = np.arange(1, len(history) + 1)
+        if history and "val_p75_px" in history[0]:
+            ax.plot(x, [h["val_p75_px"] for h in history], "-", label=f"network {i + 1} "
+                    f"({what}) validation p75")
+            ax.plot(x, [h["val_p95_px"] for h in history], ":", label=f"network {i + 1} p95")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch (each network's last session)")
+    ax.set_ylabel("px")
+    ax.set_title("BraggNN networks combined by their variances", fontsize=9)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def label_spots(frame, k: float = 6.0, min_pixels: int = 8, isolation_px: int = 10,
                 max_std: float = 0.1, max_chi2: float = 30.0, margin: int = 3):
     """Whole-spot fit labels of the isolated spots of one frame.

@@ -94,6 +94,9 @@ def braggnn(
     resume: Path = typer.Option(None, help="continue training from these weights "
                                 "(simulation only; the average of their members starts the trunk)"),
     minutes: float = typer.Option(None, help="stop training after this many minutes"),
+    combine: list[Path] = typer.Option(None, "--combine", help="instead of training: one "
+                                       "model of the networks of these weights files "
+                                       "(repeat), combined by their learned variances"),
     max_frames: int = typer.Option(None, help="use at most this many frames of the run"),
     seed: int = typer.Option(0),
     threads: int = typer.Option(2, help="CPU threads for torch"),
@@ -107,7 +110,14 @@ def braggnn(
 
     console = Console(soft_wrap=True)
     torch.set_num_threads(threads)
-    if frame_cache:
+    if combine:
+        out = out or Path("braggnn.safetensors")
+        try:
+            card = training.combine(combine, out, seed=seed, version=version,
+                                    log=console.print)
+        except (ValueError, FileNotFoundError) as err:
+            raise typer.BadParameter(str(err)) from None
+    elif frame_cache:
         try:
             start, _, stop = frame_range.partition(":")
             span = int(start or 0), int(stop) if stop else None
