@@ -379,6 +379,22 @@ def test_real_ruby_frames_braggnn_matches_whole_spot_fits(model):
     assert np.median(hit) < 0.1, np.median(hit)
 
 
+def test_frame_cache_ranges_and_omega_sums():
+    from conftest import shared_data
+
+    from bluesky_xrdml.training.braggnn import ChainedFrames, frames_from_cache
+
+    path = shared_data("ruby_dexela", RUBY)
+    single = frames_from_cache(path, start=100, stop=108)
+    summed = frames_from_cache(path, start=100, stop=108, summed=4)
+    assert len(single) == 8 and len(summed) == 2  # frames 100-103 and 104-107
+    assert summed[1].dtype == np.uint32
+    assert np.array_equal(summed[1], sum(single[k].astype(np.uint32) for k in range(4, 8)))
+    both = ChainedFrames([single, summed])
+    assert len(both) == 10 and np.array_equal(both[9], summed[1])
+    assert len(frames_from_cache(path, step=24, stop=720)) == 30
+
+
 def test_finetune_on_real_frames_from_a_frame_cache(tmp_path):
     from conftest import shared_data
 

@@ -507,11 +507,13 @@ def label_frames(frames, k: float = 6.0, match_px: float = 1.5):
 
 
 def frames_from_cache(path: str | Path, max_frames: int | None = None, step: int = 1,
-                      start: int = 0, stop: int | None = None):
+                      start: int = 0, stop: int | None = None, summed: int = 1):
     """Frames of a sparse "frame cache" (``.npz`` with ``shape``, ``nframes`` and, per
     frame i, ``i_row``, ``i_col``, ``i_data``; as written by HEXRD), as dense uint16 arrays,
     lazily: a list-like that builds each frame when it is read. Every ``step``-th frame of
-    frames ``start`` to ``stop`` (exclusive; default: the last), at most ``max_frames``."""
+    frames ``start`` to ``stop`` (exclusive; default: the last), at most ``max_frames``.
+    ``summed > 1``: images of ``summed`` consecutive frames added up (uint32; an ω range,
+    what grain fitting takes the centroid of), the next one ``step × summed`` frames on."""
 
     class Frames:
         def __init__(self):
@@ -519,16 +521,17 @@ def frames_from_cache(path: str | Path, max_frames: int | None = None, step: int
             if "shape" not in self.z.files or "nframes" not in self.z.files:
                 raise ValueError(f"{path} is not a frame cache (no 'shape'/'nframes' arrays)")
             n = int(self.z["nframes"])
-            self.index = list(range(start, n if stop is None else min(stop, n), step))
-            self.index = self.index[:max_frames]
+            end = n if stop is None else min(stop, n)
+            self.index = list(range(start, end - summed + 1, step * summed))[:max_frames]
 
         def __len__(self):
             return len(self.index)
 
         def __getitem__(self, k):
             i = self.index[k]
-            f = np.zeros(tuple(self.z["shape"]), np.uint16)
-            f[self.z[f"{i}_row"], self.z[f"{i}_col"]] = self.z[f"{i}_data"]
+            f = np.zeros(tuple(self.z["shape"]), np.uint16 if summed == 1 else np.uint32)
+            for j in range(i, i + summed):
+                np.add.at(f, (self.z[f"{j}_row"], self.z[f"{j}_col"]), self.z[f"{j}_data"])
             return f
 
         def __iter__(self):
@@ -585,8 +588,17 @@ def finetune_from_frames(frames, out: str | Path, *, base: str | Path | None = N
     base_model = bnn.load(base, device="cpu")
     ensemble = bnn.copy_ensemble(base_model.ensemble).to(memory_format=torch.contiguous_format)
     n_frames = len(frames)
-    cut = int(np.floor((1 - val_fraction) * n_frames))
-    va, tr = np.flatnonzero(stats["frame"] >= cut), np.flatnonzero(stats["frame"] < cut)
+    # the last frames of each part (panel, ω sum) of ChainedFrames: the same ω range of
+    # every part is held out, so no spot is trained on in one part and held out in another
+    sizes = [len(p) for p in getattr(frames, "parts", [frames])]
+    held = np.zeros(n_frames, bool)
+    for first, size in zip(np.cumsum([0, *sizes[:-1]]), sizes):
+        held[first + int(np.floor((1 - val_fraction) * size)):first + size] = True
+    cut = int(np.floor((1 - val_fraction) * sizes[0]))
+    held_said = (f"spots of frames {cut}..{n_frames - 1}" if len(sizes) == 1 else
+                 f"spots of the last {val_fraction:.0%} of the frames of each of the "
+                 f"{len(sizes)} frame sets")
+    va, tr = np.flatnonzero(held[stats["frame"]]), np.flatnonzero(~held[stats["frame"]])
     if len(va) < 3 or len(tr) < 5:  # too few spots in the last frames: split the spots
         order = np.argsort(stats["frame"], kind="stable")
         n_val = max(3, int(round(val_fraction * len(order))))
@@ -607,7 +619,7 @@ def finetune_from_frames(frames, out: str | Path, *, base: str | Path | None = N
     tuned = bnn.BraggNNPredictor(ensemble, base_model.card)
     pred, std = tuned.predict(patches[va], return_std=True)
     after = percentiles(err(pred))
-    log(f"held-out spots ({len(va)}, frames after {cut}): p75 error vs whole-spot fits "
+    log(f"held-out spots ({len(va)}, {held_said}): p75 error vs whole-spot fits "
         f"{before['p75']:.3f} -> {after['p75']:.3f} px (11×11 centroid {cen['p75']:.3f})")
     card = _card("fine-tuned on whole-spot-fit labels of real frames", len(ensemble.members),
                  seed, {
@@ -620,7 +632,7 @@ def finetune_from_frames(frames, out: str | Path, *, base: str | Path | None = N
                      "spots",
                      "labelled": {k: int(stats[k]) for k in ("peaks", "labelled")},
                      "train_patches": int(len(tr)), "held_out_patches": int(len(va)),
-                     "held_out": f"spots of frames {cut}..{n_frames - 1}",
+                     "held_out": held_said,
                      "augment": "8 flips", "epochs_run": len(history), "optimizer": "Adam",
                      "lr": lr, "loss": "MSE on centre / patch size (+ variance head NLL)",
                      "seconds": round(time.perf_counter() - t0, 1)},

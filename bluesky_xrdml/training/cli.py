@@ -78,6 +78,9 @@ def braggnn(
     frame_step: int = typer.Option(1, help="use every n-th frame (--frame-cache)"),
     frame_range: str = typer.Option(":", help="frames START:STOP of each frame cache "
                                     "(e.g. 0:720 to keep the rest of the scan for testing)"),
+    omega_sum: list[int] = typer.Option(None, "--omega-sum", help="also (repeat) or instead "
+                                        "train on images of N consecutive frames added up "
+                                        "(an ω range, as grain fitting sees spots); default 1"),
     key: str = typer.Option(None, help="2D data key of the frames (default: the first one)"),
     base: Path = typer.Option(None, help="weights to fine-tune (default: the shipped ones)"),
     epochs: int = typer.Option(None, help="epochs (default 40 from simulation, 60 fine-tuning)"),
@@ -124,19 +127,25 @@ def braggnn(
         except ValueError:
             raise typer.BadParameter(f"--frame-range {frame_range!r} is not START:STOP") from None
         parts = []
-        for path in frame_cache:
-            if not Path(path).exists():
-                raise typer.BadParameter(f"no frame cache at {path}")
-            try:
-                parts.append(training.frames_from_cache(path, max_frames, frame_step, *span))
-            except ValueError as err:
-                raise typer.BadParameter(str(err)) from None
-            console.print(f"{path}: {len(parts[-1])} frames")
+        for summed in omega_sum or [1]:
+            for path in frame_cache:
+                if not Path(path).exists():
+                    raise typer.BadParameter(f"no frame cache at {path}")
+                if summed < 1:
+                    raise typer.BadParameter(f"--omega-sum {summed}: must be 1 or more")
+                try:
+                    parts.append(training.frames_from_cache(path, max_frames, frame_step, *span,
+                                                            summed=summed))
+                except ValueError as err:
+                    raise typer.BadParameter(str(err)) from None
+                what = "frames" if summed == 1 else f"images of {summed} frames added up"
+                console.print(f"{path}: {len(parts[-1])} {what}")
         frames = parts[0] if len(parts) == 1 else training.ChainedFrames(parts)
         out = out or Path(f"braggnn-{Path(frame_cache[0]).stem[:24]}.safetensors")
         source = {"frame_cache": str(frame_cache[0]) if len(parts) == 1
                   else [str(p) for p in frame_cache],
-                  "frames": len(frames), "step": frame_step, "frame_range": frame_range}
+                  "frames": len(frames), "step": frame_step, "frame_range": frame_range,
+                  "omega_sum": omega_sum or [1]}
         card = _finetune(training, frames, out, base, epochs, seed, console, source)
     elif from_run:
         if not catalog_uri:
