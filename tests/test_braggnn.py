@@ -73,16 +73,21 @@ def test_predict_contract_dtypes_coordinates_and_std(model):
 def test_shipped_weights_have_a_card_with_provenance(model):
     card = json.loads((WEIGHTS_DIR / "braggnn.json").read_text())
     assert card["sha256"] == sha256_file(WEIGHTS_DIR / "braggnn.safetensors")
-    # the default: one lean network with a variance head, ~20× cheaper than the reference
-    assert card["architecture"]["outputs"] == 4 and card["architecture"]["inter"] == 0
-    assert card["flops_per_patch_per_member"] < bnn.flops_per_patch() / 10
+    # the default: two lean networks with variance heads, one of them correcting the
+    # patch's centroid, combined by their variances; together ~10× cheaper than one
+    # reference network
+    members = card["architecture"]["members"]
+    assert [(a["outputs"], a["inter"], a.get("residual", False)) for a in members] == [
+        (4, 0, False), (4, 0, True)]
+    assert card["flops_per_patch"] < bnn.flops_per_patch() / 5
     assert card["training"]["labels"].startswith("true centres")
     assert {"streak", "saturated", "gap", "sparse"} <= set(card["training"]["recipe"]["kinds"])
     assert card["metrics"]["isolated"]["p75"] < 0.15
     assert 0.55 < card["calibration"]["within_1sigma"] < 0.85
     assert model.provenance() == {"name": "braggnn", "version": card["version"],
                                   "sha256": card["sha256"]}
-    assert len(model.ensemble.members) == card["members"] == 1
+    assert len(model.ensemble.members) == card["members"] == 2
+    assert [m.residual for m in model.ensemble.members] == [False, True]
     # the reference 5-member ensemble stays available on request, same contract
     ensemble = load_model("braggnn-ensemble", device="cpu")
     assert len(ensemble.ensemble.members) == 5

@@ -259,6 +259,9 @@ def train_from_simulation(out: str | Path, *, epochs: int = 40, patches_per_epoc
     trunk = bnn.BraggNNEnsemble(1, seed=seed, **kwargs)
     if resume:
         previous = bnn.load(resume)
+        if len({m.residual for m in previous.ensemble.members}) > 1:
+            raise ValueError(f"{resume} combines networks of different architectures; resume "
+                             "from one of the files it was combined from")
         states = [m.state_dict() for m in previous.ensemble.members]
         start = trunk.members[0].state_dict()  # (a residual trunk's own buffer)
         start.update({k: sum(st[k] for st in states) / len(states) for k in states[0]})
