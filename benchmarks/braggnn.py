@@ -18,6 +18,7 @@ Every figure of issue 11's targets, measured in one run (load average printed wi
 
     .venv/bin/python benchmarks/braggnn.py [--n 20000] [--fit-n 3000] [--threads 1]
         [--real-step 6] [--model PATH] [--sections sim,speed,frames,real]
+        [--real-frames 720:] [--tuned PATH]
     .venv/bin/python benchmarks/braggnn.py --figure docs/images/braggnn-peaks.png
 """
 
@@ -33,7 +34,7 @@ import torch
 from scipy import ndimage
 
 from bluesky_xrdml.analysis.fitting import fit_patches
-from bluesky_xrdml.analysis.peaks import centre_peaks, centroid, prepare, threshold
+from bluesky_xrdml.analysis.peaks import FramePeaks, centre_peaks, centroid, prepare, threshold
 from bluesky_xrdml.models import load_model
 from bluesky_xrdml.simulation import SpotSimulator
 from bluesky_xrdml.training.braggnn import coverage, label_spots
@@ -89,10 +90,19 @@ def simulated(model, n: int, fit_n: int):
             m = mask & ~np.isnan(e)
             label = {"isolated": "compact", "neighbour": "doublet/nbr"}.get(k, k)
             print(f"  {label:12s} {name:17s} {pct(e[m])}")
-    iso = errs["BraggNN"][kind == "isolated"]
-    p75, p95 = np.percentile(iso, [75, 95])
-    print(f"  target compact p75 <= 0.10 / p95 <= 0.25 px: {p75:.3f} / {p95:.3f} "
-          f"({'met' if p75 <= 0.10 and p95 <= 0.25 else 'NOT met'})")
+    # spots the peak finder can see: peak height >= 6 σ of the background (its threshold)
+    seen = sim["height"] >= 6 * sim["noise"]
+    label = "compact, seen"
+    for name, e in errs.items():
+        m = (kind == "isolated") & seen & ~np.isnan(e)
+        print(f"  {label:12s} {name:17s} {pct(e[m])}")
+    print(f"  ('compact, seen': the compact spots at least 6σ of the background high, which the "
+          f"peak finder needs; {np.mean(seen[kind == 'isolated']):.1%} of the compact ones)")
+    for what, m in (("compact", kind == "isolated"),
+                    ("compact, seen", (kind == "isolated") & seen)):
+        p75, p95 = np.percentile(errs["BraggNN"][m], [75, 95])
+        print(f"  target {what} p75 <= 0.10 / p95 <= 0.25 px: {p75:.3f} / {p95:.3f} "
+              f"({'met' if p75 <= 0.10 and p95 <= 0.25 else 'NOT met'})")
     cov = coverage(pred - truth, std)
     print(f"  calibration (simulated, per coordinate): within 1σ {cov['within_1sigma']:.3f} "
           f"(0.683 Gaussian), within 2σ {cov['within_2sigma']:.3f} (0.954)")
@@ -182,32 +192,40 @@ def frames(model, n_frames: int, density: float):
     print(f"  batched over the {n_frames} frames (as the callback does): "
           f"{n_frames / (t2 - t0):.1f} frames/s; centring {1e6 * (t2 - t1) / n_found:.0f} µs "
           "per spot")
-    return (t2 - t1) / n_found
+    return fps
 
 
-def ruby_frames(step: int, summed: int = 1, panels=("ff1", "ff2")):
+def ruby_frames(step: int, summed: int = 1, panels=("ff1", "ff2"), span=(0, None)):
     """Frames (uint16, dense) of the ruby panels, every ``step``-th (ω-summed over
-    ``summed`` consecutive frames), with their panel and first frame index."""
+    ``summed`` consecutive frames) of frames ``span[0]`` to ``span[1]`` (exclusive; ``None``:
+    the last), with their panel and first frame index."""
     for path in sorted(RUBY.glob("*-cachefile.npz")):
         if path.name.split("_")[2] not in panels:
             continue
         z = np.load(path)
         shape, n = tuple(z["shape"]), int(z["nframes"])
-        for i in range(0, n - summed + 1, step * summed):
+        stop = n if span[1] is None else min(span[1], n)
+        for i in range(span[0], stop - summed + 1, step * summed):
             f = np.zeros(shape, np.float64 if summed > 1 else np.uint16)
             for j in range(i, i + summed):
                 np.add.at(f, (z[f"{j}_row"], z[f"{j}_col"]), z[f"{j}_data"])
             yield path.name.split("_")[2], i, f
 
 
-def real(model, step: int, summed: int, sim_per_spot=None, panels=("ff1", "ff2")):
+def real(models: dict, step: int, summed: int, sim=None, panels=("ff1", "ff2"),
+         span=(0, None)):
+    """``models``: label → BraggNN predictor (the shipped default, and a fine-tuned one)."""
     what = ("single frames" if summed == 1
             else f"ω-summed images ({summed} frames = {summed * 0.25:g}°)")
-    print(f"\n== 4. real ruby frames ({'+'.join(panels)}), {what}, every {step}th; labels: "
-          f"whole-spot fits; {load()}")
+    end = "the last" if span[1] is None else span[1] - 1
+    frames_said = "all frames" if span == (0, None) else f"frames {span[0]}..{end}"
+    print(f"\n== 4. real ruby frames ({'+'.join(panels)}), {what}, every {step}th of "
+          f"{frames_said}; labels: whole-spot fits; {load()}")
+    for label, m in models.items():
+        print(f"  {label}: {m.provenance()} ({m.card.get('trained', '?')})")
     fps, labels = [], []
     t_prep = t_cls = 0.0
-    for i, (_, _, frame) in enumerate(ruby_frames(step, summed, panels)):
+    for i, (_, _, frame) in enumerate(ruby_frames(step, summed, panels, span)):
         labels.append(label_spots(frame))
         t0 = time.perf_counter()
         fps.append(prepare(frame, frame_index=i))
@@ -221,12 +239,14 @@ def real(model, step: int, summed: int, sim_per_spot=None, panels=("ff1", "ff2")
         return None
     print(f"  {len(fps)} frames, {n_labels} isolated spots labelled, {n_peaks} candidates")
     print(f"  {'method':14s} {'recall':>6s}   p50     p75     p95   (px, matched within 1.5 px)")
-    p75, t_centre = {}, {}
-    for m in METHODS:
+    p75, t_centre, recall, cov = {}, {}, {}, {}
+    rows = [(label, "braggnn", model) for label, model in models.items()]
+    rows += [(m, m, None) for m in METHODS if m != "braggnn"]
+    for m, method, model in rows:
         t_centre[m] = np.inf
-        for _ in range(1 if m == "pseudo-voigt" else 2):  # the faster of two: warm caches
+        for _ in range(1 if method == "pseudo-voigt" else 2):  # the faster of two: warm caches
             t0 = time.perf_counter()  # all frames in one call, as the live callback does
-            tables = centre_peaks(fps, m, model if m == "braggnn" else None)
+            tables = centre_peaks(fps, method, model)
             t_centre[m] = min(t_centre[m], time.perf_counter() - t0)
         errs, diffs, stds = [], [], []
         for lab, table in zip(labels, tables):
@@ -247,27 +267,70 @@ def real(model, step: int, summed: int, sim_per_spot=None, panels=("ff1", "ff2")
         e = np.concatenate(errs)
         hit = e < 1.5
         p75[m] = np.percentile(e[hit], 75) if hit.any() else np.nan
-        print(f"  {m:14s} {hit.mean():6.3f}   {pct(e[hit])}")
-        if m == "braggnn":
-            recall = hit.mean()
-            cov = coverage(np.concatenate(diffs), np.concatenate(stds))
-    better = all(p75["braggnn"] <= 0.8 * p75[m] for m in ("centroid", "pseudo-voigt"))
-    print(f"  target BraggNN p75 >= 20 % below centroid and fit, recall >= 0.95: p75 "
-          f"{p75['braggnn']:.3f} vs {p75['centroid']:.3f} / {p75['pseudo-voigt']:.3f}, recall "
-          f"{recall:.3f} ({'met' if better and recall >= 0.95 else 'NOT met'})")
-    print(f"  calibration (real, per coordinate): within 1σ {cov['within_1sigma']:.3f}, "
-          f"within 2σ {cov['within_2sigma']:.3f}")
-    per_spot = t_centre["braggnn"] / max(n_peaks, 1)
+        print(f"  {m:22s} {hit.mean():6.3f}   {pct(e[hit])}")
+        if method == "braggnn":
+            recall[m] = hit.mean()
+            cov[m] = coverage(np.concatenate(diffs), np.concatenate(stds))
+    for m in models:
+        better = all(p75[m] <= 0.8 * p75[c] for c in ("centroid", "pseudo-voigt"))
+        print(f"  target p75 >= 20 % below centroid and fit, recall >= 0.95, {m}: p75 "
+              f"{p75[m]:.3f} vs {p75['centroid']:.3f} / {p75['pseudo-voigt']:.3f} (ratio "
+              f"{p75[m] / p75['centroid']:.2f} / {p75[m] / p75['pseudo-voigt']:.2f}), recall "
+              f"{recall[m]:.3f} ({'met' if better and recall[m] >= 0.95 else 'NOT met'})")
+        print(f"  calibration (real, per coordinate), {m}: within 1σ "
+              f"{cov[m]['within_1sigma']:.3f}, within 2σ {cov[m]['within_2sigma']:.3f}")
+    first = next(iter(models))
     print(f"  find + patches {1000 * t_prep / len(fps):.0f} ms per frame (classical pipeline "
           f"{1000 * t_cls / len(fps):.0f} ms); centring per spot "
-          "(all frames in one call): "
+          "(all frames in one call, a table per frame): "
           + ", ".join(f"{m} {1e6 * t / max(n_peaks, 1):.0f} µs" for m, t in t_centre.items())
           + f"; {load()}")
-    if sim_per_spot is not None:
-        verdict = "met" if per_spot <= 1.2 * sim_per_spot else "NOT met"
-        print(f"  real vs simulated BraggNN centring time per spot: {1e6 * per_spot:.0f} vs "
-              f"{1e6 * sim_per_spot:.0f} µs ({verdict}: real must not be slower)")
+    if sim is not None:
+        per_spot(models[first], fps, sim)
     return p75
+
+
+def pooled(fps) -> FramePeaks:
+    """All candidates of ``fps`` as one frame's: the centring cost per spot without the
+    cost per frame (its table)."""
+    cat = {k: np.concatenate([getattr(fp, k) for fp in fps])
+           for k in ("rows", "cols", "patches", "edge", "n_near", "origin", "scale")}
+    return FramePeaks(0, **cat)
+
+
+def per_spot(model, real_fps, sim_fps, repeats: int = 5):
+    """BraggNN centring time per spot of real vs simulated frames, with the same number of
+    spots per call: (a) all spots of as many frames as hold them, a table per frame, and
+    (b) pooled into one table (the per-spot cost alone). The ruby frames hold ~1.4 spots
+    each against ~170 on the simulated ones, so (a) is mostly the cost of a table per
+    frame (~40 µs)."""
+    n_real = sum(len(fp.rows) for fp in real_fps)
+    sim_pool = pooled(sim_fps)
+    k = np.arange(min(n_real, len(sim_pool.rows)))
+    sim_same = FramePeaks(0, sim_pool.rows[k], sim_pool.cols[k], sim_pool.patches[k],
+                          sim_pool.edge[k], sim_pool.n_near[k], sim_pool.origin[k],
+                          sim_pool.scale[k])
+    real_pool = pooled(real_fps)
+
+    def best(fps, n):
+        t = min(_timed(lambda: centre_peaks(fps, "braggnn", model)) for _ in range(repeats))
+        return 1e6 * t / max(n, 1)
+
+    t_frames = best(real_fps, n_real)
+    t_real = best([real_pool], n_real)
+    t_sim = best([sim_same], len(k))
+    verdict = "met" if t_real <= 1.1 * t_sim else "NOT met"
+    print(f"  BraggNN centring per spot, {len(k)} spots per call: real {t_real:.1f} vs "
+          f"simulated {t_sim:.1f} µs pooled into one table ({verdict}: real must not be "
+          f"slower, 10 % timing slack); real with a table per frame ({len(real_fps)} frames, "
+          f"{n_real / len(real_fps):.1f} spots each): {t_frames:.1f} µs per spot = "
+          f"{t_frames * n_real / len(real_fps):.0f} µs per frame; {load()}")
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def figure(model, path: str):
@@ -326,6 +389,11 @@ def main():
     parser.add_argument("--density", type=float, default=200.0)
     parser.add_argument("--real-step", type=int, default=6, help="every n-th ruby frame")
     parser.add_argument("--real-panels", default="ff1,ff2", help="ruby panels to evaluate")
+    parser.add_argument("--real-frames", default=":", help="ruby frame range START:STOP "
+                        "(e.g. 720: for the half a fine-tuned model did not see)")
+    parser.add_argument("--tuned", help="also evaluate these BraggNN weights (e.g. fine-tuned "
+                        "on other ruby frames: xrdml train braggnn --frame-cache ...) on the "
+                        "real frames")
     parser.add_argument("--model", default="braggnn", help="model name or weights path")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sections", default="sim,speed,frames,real")
@@ -343,11 +411,16 @@ def main():
         simulate_patches(4096, seed=SEED)["patches"]
     if "speed" in sections:
         speed(model, load_model("braggnn-ensemble", device=args.device), patches)
-    sim_per_spot = frames(model, args.frames, args.density) if "frames" in sections else None
+    sim_fps = frames(model, args.frames, args.density) if "frames" in sections else None
     if "real" in sections and RUBY.exists():
         panels = tuple(args.real_panels.split(","))
-        real(model, args.real_step, 1, sim_per_spot, panels)
-        real(model, args.real_step, 4, panels=panels)
+        start, _, stop = args.real_frames.partition(":")
+        span = (int(start or 0), int(stop) if stop else None)
+        models = {"braggnn (shipped)" if args.model == "braggnn" else "braggnn": model}
+        if args.tuned:
+            models["braggnn (fine-tuned)"] = load_model(args.tuned, device=args.device)
+        real(models, args.real_step, 1, sim_fps, panels, span)
+        real(models, args.real_step, 4, panels=panels, span=span)
 
 
 if __name__ == "__main__":

@@ -73,16 +73,21 @@ def test_predict_contract_dtypes_coordinates_and_std(model):
 def test_shipped_weights_have_a_card_with_provenance(model):
     card = json.loads((WEIGHTS_DIR / "braggnn.json").read_text())
     assert card["sha256"] == sha256_file(WEIGHTS_DIR / "braggnn.safetensors")
-    # the default: one lean network with a variance head, ~20× cheaper than the reference
-    assert card["architecture"]["outputs"] == 4 and card["architecture"]["inter"] == 0
-    assert card["flops_per_patch_per_member"] < bnn.flops_per_patch() / 10
+    # the default: two lean networks with variance heads, one of them correcting the
+    # patch's centroid, combined by their variances; together ~10× cheaper than one
+    # reference network
+    members = card["architecture"]["members"]
+    assert [(a["outputs"], a["inter"], a.get("residual", False)) for a in members] == [
+        (4, 0, False), (4, 0, True)]
+    assert card["flops_per_patch"] < bnn.flops_per_patch() / 5
     assert card["training"]["labels"].startswith("true centres")
     assert {"streak", "saturated", "gap", "sparse"} <= set(card["training"]["recipe"]["kinds"])
     assert card["metrics"]["isolated"]["p75"] < 0.15
     assert 0.55 < card["calibration"]["within_1sigma"] < 0.85
     assert model.provenance() == {"name": "braggnn", "version": card["version"],
                                   "sha256": card["sha256"]}
-    assert len(model.ensemble.members) == card["members"] == 1
+    assert len(model.ensemble.members) == card["members"] == 2
+    assert [m.residual for m in model.ensemble.members] == [False, True]
     # the reference 5-member ensemble stays available on request, same contract
     ensemble = load_model("braggnn-ensemble", device="cpu")
     assert len(ensemble.ensemble.members) == 5
@@ -127,6 +132,80 @@ def test_tiny_training_beats_the_patch_centre_guess(tmp_path, one_thread):
                  {"model": "braggnn", "name": "mine", "version": "0"})
     mine = load_model(str(tmp_path / "mine.safetensors"))
     assert np.allclose(mine.predict(val["patches"][:5]), predictor.predict(val["patches"][:5]))
+
+
+def test_residual_network_corrects_the_centroid_and_reloads_as_residual(tmp_path):
+    sim = simulate_patches(200, seed=4, kinds=["isolated"])
+    patches = sim["patches"].astype(np.float64)
+    # the base: the centroid of the pixels above 10 % of the peak and 2σ of the noise over
+    # the border's (lower) median
+    border = np.concatenate(
+        [patches[:, 0], patches[:, -1], patches[:, 1:-1, 0], patches[:, 1:-1, -1]], 1)
+    bg = np.sort(border, 1)[:, 19]
+    noise = 1.4826 * np.sort(np.abs(border - bg[:, None]), 1)[:, 19]
+    signal = np.clip(patches - bg[:, None, None], 0, None)
+    cut = np.maximum(0.1 * signal.max(axis=(1, 2)), 2 * noise)
+    signal = np.clip(signal - cut[:, None, None], 0, None)
+    idx = np.arange(11)
+    total = signal.sum(axis=(1, 2))[:, None]
+    expected = np.stack([signal.sum(2) @ idx, signal.sum(1) @ idx], 1) / np.maximum(total, 1)
+    expected[total[:, 0] == 0] = 5.0  # nothing above the cut: the patch centre
+    base = bnn.patch_centroid(bnn.scale_patches(patches)).double().numpy()
+    assert np.allclose(base, expected, atol=1e-3)
+    # a residual network whose correction is zero returns that centroid
+    net = bnn.BraggNNEnsemble(1, seed=0,
+                              **bnn.arch_kwargs(bnn.architecture(**bnn.LEAN_RESIDUAL)))
+    assert net.members[0].residual
+    with torch.no_grad():
+        net.members[0].dense[-1].weight[:2] = 0
+    predictor = bnn.BraggNNPredictor(net)
+    assert np.allclose(predictor.predict(patches), expected, atol=1e-3)
+    # the bright compact spots: the base alone is already close to the truth
+    err = np.hypot(*(expected - sim["centre"]).T)[sim["snr"] > 30]
+    assert np.median(err) < 0.1
+    # saved without any architecture in the card, the weights still load as residual
+    from bluesky_xrdml.models import weights
+
+    torch.manual_seed(3)
+    with torch.no_grad():
+        net.members[0].dense[-1].weight[:2] = 0.01 * torch.randn(2, 32)
+    weights.save(tmp_path / "res.safetensors", bnn.tensors(net),
+                 {"model": "braggnn", "name": "res", "version": "0"})
+    again = load_model(str(tmp_path / "res.safetensors"))
+    assert again.ensemble.members[0].residual
+    assert np.allclose(again.predict(patches), predictor.predict(patches), atol=1e-5)
+
+
+def test_networks_of_two_architectures_combine_by_their_variances(tmp_path):
+    from bluesky_xrdml.models import weights
+
+    paths = []
+    for i, arch in enumerate((bnn.LEAN, bnn.LEAN_RESIDUAL)):
+        net = bnn.BraggNNEnsemble(1, seed=i, **bnn.arch_kwargs(bnn.architecture(**arch)))
+        paths.append(tmp_path / f"part{i}.safetensors")
+        weights.save(paths[-1], bnn.tensors(net), {"model": "braggnn", "name": f"part{i}",
+                                                  "version": str(i)})
+    out = tmp_path / "pair.safetensors"
+    result = CliRunner().invoke(app, ["train", "braggnn", "--combine", str(paths[0]),
+                                      "--combine", str(paths[1]), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["members"] == 2 and [a.get("residual", False) for a in
+                                     card["architecture"]["members"]] == [False, True]
+    assert [p["version"] for p in card["combined_from"]] == ["0", "1"]
+    assert out.with_suffix(".png").exists()
+    pair = load_model(str(out))
+    assert [m.residual for m in pair.ensemble.members] == [False, True]
+    # each peak: the members' centres weighted by their inverse predicted variances
+    patches = simulate_patches(50, seed=3)["patches"]
+    y = pair.raw(patches)
+    w = 1 / (np.exp(y[..., 2:]) * 121)
+    expected = (w * y[..., :2]).sum(0) / w.sum(0)
+    centre, std = pair.predict(patches, return_std=True)
+    assert np.allclose(centre, expected, atol=1e-9) and np.all(std > 0)
+    bad = CliRunner().invoke(app, ["train", "braggnn", "--combine", str(paths[0]), "--out",
+                                   str(out)])
+    assert bad.exit_code != 0 and "at least two" in bad.output
 
 
 def nearest(truth, table):
@@ -305,22 +384,42 @@ def test_real_ruby_frames_braggnn_matches_whole_spot_fits(model):
     assert np.median(hit) < 0.1, np.median(hit)
 
 
+def test_frame_cache_ranges_and_omega_sums():
+    from conftest import shared_data
+
+    from bluesky_xrdml.training.braggnn import ChainedFrames, frames_from_cache
+
+    path = shared_data("ruby_dexela", RUBY)
+    single = frames_from_cache(path, start=100, stop=108)
+    summed = frames_from_cache(path, start=100, stop=108, summed=4)
+    assert len(single) == 8 and len(summed) == 2  # frames 100-103 and 104-107
+    assert summed[1].dtype == np.uint32
+    assert np.array_equal(summed[1], sum(single[k].astype(np.uint32) for k in range(4, 8)))
+    both = ChainedFrames([single, summed])
+    assert len(both) == 10 and np.array_equal(both[9], summed[1])
+    assert len(frames_from_cache(path, step=24, stop=720)) == 30
+
+
 def test_finetune_on_real_frames_from_a_frame_cache(tmp_path):
     from conftest import shared_data
 
     path = shared_data("ruby_dexela", RUBY)
+    other = path.with_name(RUBY.replace("ff1", "ff2"))  # the second panel
     out = tmp_path / "ruby.safetensors"
     result = CliRunner().invoke(app, ["train", "braggnn", "--frame-cache", str(path),
-                                      "--frame-step", "24", "--max-frames", "40", "--epochs",
+                                      "--frame-cache", str(other), "--frame-range", "0:720",
+                                      "--frame-step", "24", "--max-frames", "20", "--epochs",
                                       "3", "--out", str(out), "--threads", "1"])
     assert result.exit_code == 0, result.output
+    assert result.output.count(": 20 frames") == 2  # frames 0, 24, .., 456 of each panel
     assert "held-out spots" in result.output
     # output captured (not a terminal): a plain progress line per epoch, with the time left
     epochs = re.findall(r"BraggNN: epoch (\d)/3 \| train rmse [\d.]+ px.* elapsed, ~\S+ left",
                         result.output)
     assert epochs == ["1", "2", "3"], result.output
     card = json.loads(out.with_suffix(".json").read_text())
-    assert card["training"]["data"]["frame_cache"] == str(path)
+    assert card["training"]["data"]["frame_cache"] == [str(path), str(other)]
+    assert card["training"]["data"]["frame_range"] == "0:720"
     assert card["training"]["labelled"]["labelled"] >= 15
     assert card["training"]["labels"].startswith("whole-spot fits")
     m = card["metrics"]["held_out_error_vs_labels_px"]
@@ -328,3 +427,6 @@ def test_finetune_on_real_frames_from_a_frame_cache(tmp_path):
     assert load_model(str(out)).provenance()["sha256"] == card["sha256"]
     bad = CliRunner().invoke(app, ["train", "braggnn", "--frame-cache", str(tmp_path / "no.npz")])
     assert bad.exit_code != 0 and "no frame cache" in bad.output
+    bad = CliRunner().invoke(app, ["train", "braggnn", "--frame-cache", str(path),
+                                   "--frame-range", "a:b"])
+    assert bad.exit_code != 0 and "START:STOP" in bad.output

@@ -43,7 +43,7 @@ def _frames_from_run(catalog_uri: str, uid: str, key: str | None, max_frames: in
 def _arch(name: str) -> dict:
     from ..models import braggnn as bnn
 
-    archs = {"lean": bnn.LEAN, "reference": {}}
+    archs = {"lean": bnn.LEAN, "lean-residual": bnn.LEAN_RESIDUAL, "reference": {}}
     if name not in archs:
         raise typer.BadParameter(f"unknown architecture {name!r}; use one of {sorted(archs)}")
     return archs[name]
@@ -51,7 +51,7 @@ def _arch(name: str) -> dict:
 
 def _finetune(training, frames, out, base, epochs, seed, console, source):
     try:
-        card = training.finetune_from_frames(frames, out, base=base, epochs=epochs or 30,
+        card = training.finetune_from_frames(frames, out, base=base, epochs=epochs or 60,
                                              seed=seed, log=console.print, source=source)
     except ValueError as err:
         console.print(f"[red]{err}[/red]")
@@ -72,12 +72,18 @@ def braggnn(
                                  "(uid), its isolated spots labelled by whole-spot fits"),
     catalog_uri: str = typer.Option(None, "--catalog", help="Tiled URI of the run's catalog "
                                     "(API key from $TILED_API_KEY)"),
-    frame_cache: Path = typer.Option(None, "--frame-cache", help="fine-tune on the frames of "
-                                     "a sparse frame cache (.npz, as HEXRD writes them)"),
+    frame_cache: list[Path] = typer.Option(None, "--frame-cache", help="fine-tune on the "
+                                           "frames of a sparse frame cache (.npz, as HEXRD "
+                                           "writes them); repeat for several panels"),
     frame_step: int = typer.Option(1, help="use every n-th frame (--frame-cache)"),
+    frame_range: str = typer.Option(":", help="frames START:STOP of each frame cache "
+                                    "(e.g. 0:720 to keep the rest of the scan for testing)"),
+    omega_sum: list[int] = typer.Option(None, "--omega-sum", help="also (repeat) or instead "
+                                        "train on images of N consecutive frames added up "
+                                        "(an ω range, as grain fitting sees spots); default 1"),
     key: str = typer.Option(None, help="2D data key of the frames (default: the first one)"),
     base: Path = typer.Option(None, help="weights to fine-tune (default: the shipped ones)"),
-    epochs: int = typer.Option(None, help="epochs (default 40 from simulation, 30 fine-tuning)"),
+    epochs: int = typer.Option(None, help="epochs (default 40 from simulation, 60 fine-tuning)"),
     patches_per_epoch: int = typer.Option(50_000, help="fresh simulated patches per epoch"),
     trunk_fraction: float = typer.Option(0.75, help="share of the epochs/minutes spent on one "
                                          "trunk network before it is forked into the members "
@@ -85,10 +91,15 @@ def braggnn(
     members: int = typer.Option(1, help="networks: 1 (default, σ from its variance head) or "
                                 "an ensemble of several"),
     arch: str = typer.Option("lean", help="architecture: 'lean' (no non-local block, variance "
-                             "head; the shipped default) or 'reference' (Liu et al. 2022)"),
+                             "head; the shipped default), 'lean-residual' (the same, "
+                             "correcting the patch's centroid) or 'reference' (Liu et al. "
+                             "2022)"),
     resume: Path = typer.Option(None, help="continue training from these weights "
                                 "(simulation only; the average of their members starts the trunk)"),
     minutes: float = typer.Option(None, help="stop training after this many minutes"),
+    combine: list[Path] = typer.Option(None, "--combine", help="instead of training: one "
+                                       "model of the networks of these weights files "
+                                       "(repeat), combined by their learned variances"),
     max_frames: int = typer.Option(None, help="use at most this many frames of the run"),
     seed: int = typer.Option(0),
     threads: int = typer.Option(2, help="CPU threads for torch"),
@@ -102,18 +113,40 @@ def braggnn(
 
     console = Console(soft_wrap=True)
     torch.set_num_threads(threads)
-    if frame_cache:
-        if not Path(frame_cache).exists():
-            raise typer.BadParameter(f"no frame cache at {frame_cache}")
+    if combine:
+        out = out or Path("braggnn.safetensors")
         try:
-            frames = training.frames_from_cache(frame_cache, max_frames, frame_step)
-        except ValueError as err:
+            card = training.combine(combine, out, seed=seed, version=version,
+                                    log=console.print)
+        except (ValueError, FileNotFoundError) as err:
             raise typer.BadParameter(str(err)) from None
-        console.print(f"{frame_cache}: {len(frames)} frames")
-        out = out or Path(f"braggnn-{Path(frame_cache).stem[:24]}.safetensors")
-        card = _finetune(training, frames, out, base, epochs, seed, console,
-                         {"frame_cache": str(frame_cache), "frames": len(frames),
-                          "step": frame_step})
+    elif frame_cache:
+        try:
+            start, _, stop = frame_range.partition(":")
+            span = int(start or 0), int(stop) if stop else None
+        except ValueError:
+            raise typer.BadParameter(f"--frame-range {frame_range!r} is not START:STOP") from None
+        parts = []
+        for summed in omega_sum or [1]:
+            for path in frame_cache:
+                if not Path(path).exists():
+                    raise typer.BadParameter(f"no frame cache at {path}")
+                if summed < 1:
+                    raise typer.BadParameter(f"--omega-sum {summed}: must be 1 or more")
+                try:
+                    parts.append(training.frames_from_cache(path, max_frames, frame_step, *span,
+                                                            summed=summed))
+                except ValueError as err:
+                    raise typer.BadParameter(str(err)) from None
+                what = "frames" if summed == 1 else f"images of {summed} frames added up"
+                console.print(f"{path}: {len(parts[-1])} {what}")
+        frames = parts[0] if len(parts) == 1 else training.ChainedFrames(parts)
+        out = out or Path(f"braggnn-{Path(frame_cache[0]).stem[:24]}.safetensors")
+        source = {"frame_cache": str(frame_cache[0]) if len(parts) == 1
+                  else [str(p) for p in frame_cache],
+                  "frames": len(frames), "step": frame_step, "frame_range": frame_range,
+                  "omega_sum": omega_sum or [1]}
+        card = _finetune(training, frames, out, base, epochs, seed, console, source)
     elif from_run:
         if not catalog_uri:
             raise typer.BadParameter("--from-run needs --catalog URI (the Tiled server of the run)")

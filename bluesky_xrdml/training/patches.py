@@ -68,7 +68,9 @@ def simulate_patches(n: int, seed: int | np.random.Generator = 0, kinds=None,
                      patch: int = PATCH) -> dict:
     """``n`` patches: dict with ``patches`` (n, 11, 11) float32 counts, ``centre`` (n, 2)
     true (row, col) of the whole spot's intensity centroid in patch pixels, ``kind`` (n,)
-    str, ``snr`` (n,) peak height over the counting noise at the top, ``height`` (n,)."""
+    str, ``snr`` (n,) peak height over the counting noise at the top, ``height`` (n,),
+    ``noise`` (n,) σ of the background counts (Poisson + read noise): the peak finder needs
+    ``height`` above ``k``·``noise`` (k = 6 by default) to see a spot at all."""
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     probs = RECIPE["kinds"]
     names = list(kinds) if kinds is not None else list(probs)
@@ -203,4 +205,4 @@ def simulate_patches(n: int, seed: int | np.random.Generator = 0, kinds=None,
     top = np.minimum(height + b0, sat)
     snr = height / np.sqrt(top + read**2)
     return {"patches": counts.astype(np.float32), "centre": centre, "kind": kind,
-            "snr": snr, "height": height}
+            "snr": snr, "height": height, "noise": np.sqrt(b0 + read**2)}
