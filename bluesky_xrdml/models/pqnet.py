@@ -390,8 +390,9 @@ class PQNetPredictor:
                 out[f"lattice_{ax}"].values[rows, j] = res["lattice"][p][rows, q]
                 out[f"lattice_{ax}_std"].values[rows, j] = res["lattice_std"][p][rows, q]
         f_ref, f_sd = refined_fractions(
-            ds["fraction"].values, use, res["scale"], res["scale_std"],
-            ref.std_scale.get("fraction", 1.0) / ref.std_scale.get("scale", 1.0))
+            ds["fraction"].values, use, res["scale"],
+            res["scale_std"] / ref.std_scale.get("scale", 1.0),
+            ref.std_scale.get("fraction", 1.0), ds["fraction_std"].values)
         out["fraction"].values[use] = f_ref[use]
         out["fraction_std"].values[use] = f_sd[use]
         out["refined"] = (("pattern", "phase"), use)
@@ -481,11 +482,12 @@ class PQNetPredictor:
                 "unexplained": unexplained, "poor": unexplained > self.POOR_FIT}
 
 
-def refined_fractions(frac, use, scale, scale_std, factor: float = 1.0):
+def refined_fractions(frac, use, scale, scale_std, factor: float = 1.0, frac_std=None):
     """Fractions (N, P) and their σ after refining the phases ``use``: they share what the
     phases not refined (their network fractions) leave, in the ratio of their refined
-    scales; σ by the delta method from the scales' σ (correlations left out), × ``factor``.
-    """
+    scales. σ by the delta method (correlations left out) from the scales' covariance σ
+    ``scale_std`` and from the network σ ``frac_std`` of what the others leave — without
+    that term a phase refined alone would claim σ = 0 — the whole × ``factor``."""
     left = 1.0 - np.where(use, 0.0, frac).sum(axis=1, keepdims=True)
     s = np.where(use, np.clip(scale, 0, None), 0.0)
     tot = s.sum(axis=1, keepdims=True)
@@ -494,6 +496,9 @@ def refined_fractions(frac, use, scale, scale_std, factor: float = 1.0):
     var = np.where(use, scale_std, 0.0) ** 2
     f_var = ((1 - g) ** 2 * var + g**2 * (var.sum(axis=1, keepdims=True) - var)) * (
         left / safe) ** 2
+    if frac_std is not None:
+        left_var = (np.where(use, 0.0, frac_std) ** 2).sum(axis=1, keepdims=True)
+        f_var = f_var + g**2 * left_var
     return g * left, np.sqrt(f_var) * factor
 
 
