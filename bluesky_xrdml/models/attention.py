@@ -176,6 +176,13 @@ def check_patterns(patterns, two_theta, wavelength) -> tuple[np.ndarray, np.ndar
     return y, tt
 
 
+def pixel_edges(q: np.ndarray) -> np.ndarray:
+    """Detector bin edges (M+1,) of pixel centres ``q`` (M,): the midpoints, extended by half
+    a step at both ends."""
+    mid = 0.5 * (q[1:] + q[:-1])
+    return np.concatenate([[q[0] - (mid[0] - q[0])], mid, [q[-1] + (q[-1] - mid[-1])]])
+
+
 def instrument_q_fwhm(two_theta, wavelength: float, fwhm_deg: float) -> np.ndarray:
     """The instrument's FWHM in Q (Å⁻¹) at each 2θ (degrees) for a 2θ FWHM of ``fwhm_deg``:
     dQ/d(2θ) = (2π/λ) cos θ."""
@@ -200,8 +207,7 @@ def resolution_kernel(two_theta, wavelength: float, fwhm_deg: float, resolution:
 
     tt = np.asarray(two_theta, float)
     q = q_of(tt, wavelength)
-    mid = 0.5 * (q[1:] + q[:-1])
-    edges = np.concatenate([[q[0] - (mid[0] - q[0])], mid, [q[-1] + (q[-1] - mid[-1])]])
+    edges = pixel_edges(q)
     f = instrument_q_fwhm(tt, wavelength, fwhm_deg)
     coarse = float(np.mean(f > resolution * 1.02))
     sigma = np.sqrt(np.clip(resolution**2 - f**2, 0, None)) / (2 * np.sqrt(2 * np.log(2)))
@@ -250,10 +256,7 @@ def resample(patterns, two_theta, wavelength: float, q_range, n: int = N_POINTS,
     from scipy.interpolate import PchipInterpolator
 
     y, tt = check_patterns(patterns, two_theta, wavelength)
-    q = q_of(tt, wavelength)
-    # detector bin edges in Q: midpoints, extended by half a step at both ends
-    mid = 0.5 * (q[1:] + q[:-1])
-    q_edges = np.concatenate([[q[0] - (mid[0] - q[0])], mid, [q[-1] + (q[-1] - mid[-1])]])
+    q_edges = pixel_edges(q_of(tt, wavelength))
     edges, _ = q_grid(q_range, n)
     inside = (min(edges[-1], q_edges[-1]) - max(edges[0], q_edges[0])) / (edges[-1] - edges[0])
     if inside < min_coverage:
@@ -282,9 +285,9 @@ class AttentionPredictor:
     one pattern (M,)) on ``two_theta`` (degrees) at ``wavelength`` (Å), taken with an
     instrument of ``instrument_fwhm`` degrees 2θ (default: the training one's) → dict of
     numpy arrays: ``voltage`` (N,), ``voltage_std`` (N,), ``mode`` (N, 2) probabilities
-    [charge, discharge], ``rate``
-    (N, K) probabilities in the order of ``rates`` (C-rates; ``rate_labels``), ``vaw``
-    (N, 256) and ``vaw_two_theta`` (256,), the 2θ of the model's Q bins at ``wavelength``.
+    [charge, discharge], ``rate`` (N, K) probabilities in the order of ``rates`` (C-rates;
+    ``rate_labels``), ``vaw`` (N, 256) and ``vaw_two_theta`` (256,), the 2θ of the model's
+    Q bins at ``wavelength``.
     """
 
     def __init__(self, net: AttentionNet, card: dict, device: str = "cpu",
