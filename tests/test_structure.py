@@ -105,6 +105,50 @@ def test_rendered_rocksalt_peaks_sit_at_their_q(protos):
         assert y[0, np.argmin(abs(q - qk))] > 0
 
 
+@pytest.mark.parametrize("name", ["rutile", "wurtzite", "corundum", "gdfeo3", "baddeleyite",
+                                  "spinel"])
+def test_lattice_distortion_keeps_the_symmetry_and_matches_pymatgen(name):
+    """The augmentation's strained peak positions are those pymatgen computes for the
+    deformed structure, whose space group is unchanged."""
+    from pymatgen.analysis.elasticity.strain import Deformation
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    s = cr.prototype(name, np.random.default_rng(3))
+    sg = cr.PROTOTYPES[name][0]
+    prim = s.get_primitive_structure(tolerance=1e-3)
+    d, inten, hkl = cr.peaks(prim)
+    f = cr.lattice_strain(int(cr.crystal_system_index(sg)), np.random.default_rng(5), 0.06)
+    assert not np.allclose(f, np.eye(3))
+    r = prim.lattice.reciprocal_lattice_crystallographic.matrix
+    strained = 1 / np.linalg.norm(hkl @ (r @ np.linalg.inv(f)), axis=1)
+    deformed = Deformation(f).apply_to_structure(s)
+    assert SpacegroupAnalyzer(deformed, symprec=1e-3).get_space_group_number() == sg
+    d2, _, _ = cr.peaks(deformed.get_primitive_structure(tolerance=1e-3))
+    inside = strained > 2 * np.pi / 7.2 * 1.08  # clear of the peak list's Q cut
+    assert np.abs(strained - d).max() > 0.01  # it moved the peaks
+    for x in strained[inside]:
+        assert np.min(np.abs(d2 - x)) < 1e-6
+
+
+def test_powder_classes_group_the_extinction_symbols():
+    """Space groups with one powder extinction class: the textbook monoclinic groups,
+    the F-centred cubic groups without further conditions, P6_3/mmc with P6_3mc and
+    P-62c, Pnma with Pna2_1; P2_1/c stands alone. The ceiling of a uniform test set follows."""
+    from bluesky_xrdml.simulation import powder_classes as pc
+
+    c = pc.powder_classes()
+    same = [[3, 6, 10], [4, 11], [5, 8, 12], [7, 13], [9, 15], [196, 202, 209, 216, 225],
+            [186, 190, 194], [195, 200, 207, 215, 221], [33, 62]]
+    for group in same:
+        assert len({int(c[g - 1]) for g in group}) == 1, group
+    for a, b in [(3, 4), (14, 13), (225, 229), (62, 63), (221, 229), (194, 191)]:
+        assert c[a - 1] != c[b - 1], (a, b)
+    assert (c == c[13]).sum() == 1
+    ceiling = pc.ceiling(np.arange(1, 231))
+    assert ceiling["space_group_top1"] == pytest.approx(ceiling["classes"] / 230)
+    assert ceiling["space_group_top1"] < ceiling["space_group_top5"] <= 1
+
+
 def test_measured_composition_loses_light_elements():
     comp = np.zeros((200, len(cr.ELEMENTS)))
     comp[:, cr.Z["Fe"]], comp[:, cr.Z["O"]] = 2, 3

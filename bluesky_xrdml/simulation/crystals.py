@@ -457,6 +457,7 @@ class Augment:
 
     wavelengths: tuple = (0.2, 0.3, 0.4066, 0.5, 0.6199, 0.7093, 1.5406)
     strain: float = 0.01  # isotropic, ± (uniform)
+    lattice: float = 0.06  # symmetry-preserving lattice distortion, ± per strain component
     size_nm: tuple = (8.0, 300.0)  # log-uniform crystallite size
     instrument_deg: tuple = (0.005, 0.1)  # Gaussian FWHM in 2θ
     zero_shift_deg: float = 0.03
@@ -467,6 +468,29 @@ class Augment:
     impurity: float = 0.3  # probability of impurity peaks (each up to 5 % of the strongest)
     q_low_cut: float = 1.0  # half of the patterns start up to this far above the grid's Q min
     q_max_min: float = 4.0  # the highest Q measured is uniform in q_max_min … grid max + 0.5
+
+
+def lattice_strain(system: int, rng: np.random.Generator, amount: float) -> np.ndarray:
+    """A deformation gradient F = 1 + ε (3×3, Cartesian) that keeps the symmetry of
+    crystal system ``system`` (index into ``CRYSTAL_SYSTEMS``): each strain component the
+    system allows is uniform in ±``amount``. Axes as pymatgen and pyxtal set up a standard
+    cell: the unique axis along z (y for monoclinic, b unique), orthogonal axes along x, y, z.
+
+    With the atoms' fractional coordinates fixed, the structure factors do not change, so
+    a peak list's Miller indices on the strained reciprocal lattice ``R @ inv(F)`` give the
+    peak positions of a new compound of the same structure type."""
+    e = rng.uniform(-amount, amount, 6)
+    if system == 6:  # cubic
+        eps = np.diag([e[0]] * 3)
+    elif system in (3, 4, 5):  # tetragonal, trigonal, hexagonal: c along z
+        eps = np.diag([e[0], e[0], e[2]])
+    elif system == 2:  # orthorhombic
+        eps = np.diag(e[:3])
+    elif system == 1:  # monoclinic, 2-fold axis along y
+        eps = np.array([[e[0], 0, e[3]], [0, e[1], 0], [e[3], 0, e[2]]])
+    else:  # triclinic
+        eps = np.array([[e[0], e[3], e[4]], [e[3], e[1], e[5]], [e[4], e[5], e[2]]])
+    return np.eye(3) + eps
 
 
 def render(cs: CrystalSet, index: np.ndarray, rng: np.random.Generator, q: np.ndarray,
@@ -483,6 +507,11 @@ def render(cs: CrystalSet, index: np.ndarray, rng: np.random.Generator, q: np.nd
         d, inten, hkl = cs.d[sl].astype(float), cs.intensity[sl].astype(float), cs.hkl[sl]
         wl = 0.5 if aug is None else float(rng.choice(aug.wavelengths))
         if aug is not None:
+            if aug.lattice > 0:
+                system = int(crystal_system_index(cs.space_group[i]))
+                g = hkl @ (cs.reciprocal[i] @ np.linalg.inv(lattice_strain(system, rng,
+                                                                           aug.lattice)))
+                d = 1 / np.linalg.norm(g, axis=1)
             d = d * (1 + rng.uniform(-aug.strain, aug.strain))
             if rng.random() < 0.5:  # March-Dollase preferred orientation
                 r = rng.uniform(*aug.march_dollase)
