@@ -20,7 +20,7 @@ network's figures.
 from __future__ import annotations
 
 import itertools
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 
@@ -41,7 +41,7 @@ def _ops(number: int) -> list[tuple[np.ndarray, np.ndarray]]:
             for op in SpaceGroup.from_int_number(int(number)).symmetry_ops]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _hkl() -> np.ndarray:
     r = np.arange(-_BOX, _BOX + 1)
     h = np.array(list(itertools.product(r, r, r)))
@@ -61,12 +61,12 @@ def absent(number: int, hkl: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def _index() -> dict:
     return {tuple(h): i for i, h in enumerate(_hkl().tolist())}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _orbits(holohedry: int) -> np.ndarray:
     """(K,) orbit id of every reflection of the box under the holohedry's rotations
     (reflections of one orbit share their d-spacing in every lattice of the family)."""
