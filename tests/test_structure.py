@@ -105,6 +105,24 @@ def test_rendered_rocksalt_peaks_sit_at_their_q(protos):
         assert y[0, np.argmin(abs(q - qk))] > 0
 
 
+@pytest.mark.parametrize("points", [1024, 700])
+def test_rebinning_puts_a_measured_peak_at_its_q(points):
+    """A peak measured at 2θ (any λ) lands on the model grid at its Q, whether the scan is
+    finer or coarser than the grid; bins outside the scan are masked."""
+    q = cr.q_grid(1024, 0.5, 7.0)
+    wl, tt = 0.7093, np.linspace(5, 60, points)
+    q_peak = 3.0
+    tt_peak = np.degrees(2 * np.arcsin(q_peak * wl / (4 * np.pi)))
+    y = 10 + 1000 * np.exp(-0.5 * ((tt - tt_peak) / 0.03) ** 2)
+    x, mask = st.rebin(y[None], tt, wl, q)
+    step = np.gradient(q)
+    k = int(np.argmax(x[0]))
+    assert abs(q[k] - q_peak) <= step[k]
+    covered = q[mask[0] > 0]
+    assert covered.min() == pytest.approx(cr.q_of(5, wl), abs=2 * step[0])
+    assert covered.max() == pytest.approx(min(cr.q_of(60, wl), 7.0), abs=2 * step[-1])
+
+
 @pytest.mark.parametrize("name", ["rutile", "wurtzite", "corundum", "gdfeo3", "baddeleyite",
                                   "spinel"])
 def test_lattice_distortion_keeps_the_symmetry_and_matches_pymatgen(name):

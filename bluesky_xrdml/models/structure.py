@@ -136,12 +136,13 @@ def rebin_matrix(two_theta: np.ndarray, wavelength: float, q: np.ndarray):
     from scipy.sparse import csr_matrix
 
     qs = q_of(two_theta, wavelength)
-    dq = q[1] - q[0]
-    idx = np.floor((qs - q[0]) / dq + 0.5).astype(int)
+    edges = np.concatenate([[1.5 * q[0] - 0.5 * q[1]], (q[1:] + q[:-1]) / 2,
+                            [1.5 * q[-1] - 0.5 * q[-2]]])  # bin edges (any grid)
+    idx = np.searchsorted(edges, qs, side="right") - 1
     inside = np.nonzero((idx >= 0) & (idx < len(q)))[0]
     counts = np.bincount(idx[inside], minlength=len(q)).astype(float)
     rows, cols, vals = [inside], [idx[inside]], [1.0 / counts[idx[inside]]]
-    measured = (q >= qs.min() - dq / 2) & (q <= qs.max() + dq / 2)
+    measured = (edges[1:] >= qs.min()) & (edges[:-1] <= qs.max())
     gaps = np.nonzero(measured & (counts == 0))[0]
     if gaps.size:
         order = np.argsort(qs)
