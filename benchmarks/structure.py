@@ -4,8 +4,9 @@ with and without chemistry, its calibration and speed, and what it says about re
     .venv/bin/python benchmarks/structure.py [--weights W] [--repeats 3] [--threads 2]
                                              [--figure docs/images/structure-ceo2.png]
 
-Test structures: the ``test`` families of the cached structure set (seed 0, the set the
-shipped weights were trained on; ``xrdml train structure`` fills the cache), i.e.
+Test structures: the ``test`` families of the cached structure set (seed 0 of the model's
+own space-group prior, ``--prior`` to change it: the set the shipped weights were trained on;
+``xrdml train structure`` fills the cache), i.e.
 chemical systems never seen in training; each rendered ``--repeats`` times with fresh
 augmentations (wavelength, 2θ range, strain, size, texture, background, noise, impurity
 peaks, zero shift) and an XRF/EDS-like composition (±10 % noise; Li, B, C, N, O missing
@@ -25,6 +26,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", default=None, help="model (default: shipped structure)")
     ap.add_argument("--seed", type=int, default=0, help="structure set (cache) seed")
+    ap.add_argument("--prior", default=None, choices=["mp", "uniform"],
+                    help="space-group prior of the test set (default: the model's own)")
     ap.add_argument("--cache", default=None, help="structure cache directory")
     ap.add_argument("--repeats", type=int, default=3, help="augmented patterns per structure")
     ap.add_argument("--threads", type=int, default=2)
@@ -48,7 +51,10 @@ def main():
           f"trained {card.get('training', {}).get('seconds', '?')} s on "
           f"{card.get('training', {}).get('threads', '?')} thread(s), "
           f"{card.get('data', {}).get('train', '?')} training structures")
-    cs = cr.cached(args.seed, args.cache)
+    prior = args.prior or card.get("data", {}).get("prior", "uniform")
+    cs = cr.cached(args.seed, args.cache, prior)
+    print(f"test set: structure set seed {args.seed}, space groups drawn by the {prior!r} prior "
+          f"(the model was trained on {card.get('data', {}).get('prior', 'uniform')!r})")
     test = cs.split()["test"] if len(cs) else np.zeros(0, int)
     results = {}
     if len(test):

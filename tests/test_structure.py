@@ -74,6 +74,22 @@ def test_generator_is_reproducible_and_symmetric():
     assert np.all(np.diff(a.d) <= 0) and a.intensity.max() == pytest.approx(1.0)
 
 
+def test_materials_project_prior_draws_common_groups_reproducibly():
+    """The "mp" prior: space groups (and their Wyckoff positions) as often as among
+    Materials Project structures; Fm-3m and P-1 common, P1 rare; reproducible."""
+    p = cr.space_group_prior("mp")
+    assert p.sum() == pytest.approx(1) and p.argmax() + 1 in (225, 2)
+    assert p[224] > 20 * p[0] and cr.space_group_prior("uniform")[0] == pytest.approx(1 / 230)
+    made = [c for i in range(12) if (c := cr.make_crystal(3, i, 0.0, "mp")) is not None]
+    assert len(made) >= 8
+    assert all(p[c.space_group - 1] > 0 for c in made)
+    again = cr.make_crystal(3, 0, 0.0, "mp")
+    first = cr.make_crystal(3, 0, 0.0, "mp")
+    assert (again is None) == (first is None)
+    if first is not None:
+        assert again.space_group == first.space_group and again.composition == first.composition
+
+
 def test_split_keeps_composition_families_apart(protos):
     split = protos.split(test=0.3, validation=0.3)
     fams = {k: set(protos.family[v]) for k, v in split.items()}

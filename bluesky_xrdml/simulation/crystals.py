@@ -37,6 +37,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,69 @@ def random_pyxtal(space_group: int, rng: np.random.Generator, max_atoms: int = 4
     return None
 
 
+@lru_cache(maxsize=1)
+def _mp_table(max_atoms: int = 40) -> tuple[np.ndarray, list[list[int]], np.ndarray]:
+    """(space groups, Wyckoff index lists, probabilities) of pyxtal's table of how often
+    each space group and combination of Wyckoff positions occurs among Materials Project
+    structures (``pyxtal/database/spg_num_wps_mp.csv``), cells of ≤ ``max_atoms`` atoms."""
+    import csv
+    from importlib.resources import files
+
+    groups, sites, counts = [], [], []
+    with files("pyxtal").joinpath("database/spg_num_wps_mp.csv").open() as f:
+        for row in csv.DictReader(f):
+            if int(row["n_atoms"]) <= max_atoms:
+                groups.append(int(row["spg"]))
+                sites.append([int(w) for w in row["wps"].split("-")])
+                counts.append(float(row["count"]))
+    p = np.array(counts)
+    return np.array(groups), sites, p / p.sum()
+
+
+def space_group_prior(prior: str = "mp") -> np.ndarray:
+    """(230,) probability of space groups 1…230 under a prior: ``"uniform"``, or ``"mp"``
+    (how often they occur among Materials Project structures of ≤ 40 atoms, from pyxtal's
+    table)."""
+    if prior == "uniform":
+        return np.full(230, 1 / 230)
+    groups, _, p = _mp_table()
+    return np.bincount(groups - 1, p, minlength=230)
+
+
+def random_pyxtal_mp(rng: np.random.Generator):
+    """A random pymatgen Structure whose space group and Wyckoff positions are drawn as
+    often as they occur among Materials Project structures (``_mp_table``), with
+    plausible elements on them; (structure, space group) or (None, space group)."""
+    from pyxtal import pyxtal
+    from pyxtal.symmetry import Group
+
+    groups, sites, p = _mp_table()
+    k = int(rng.choice(len(p), p=p))
+    sg, wps = int(groups[k]), sites[k]
+    group = Group(sg)
+    labels = [group.Wyckoff_positions[w].get_label() for w in wps]
+    mult = [group.Wyckoff_positions[w].multiplicity for w in wps]
+    n_species = min(len(wps), int(_choose(rng, [1, 2, 3], [0.15, 0.5, 0.35])))
+    # every species gets at least one site, the rest at random
+    owner = rng.permutation(np.concatenate([np.arange(n_species),
+                                            rng.integers(0, n_species, len(wps) - n_species)]))
+    counts = [int(sum(m for m, o in zip(mult, owner) if o == s)) for s in range(n_species)]
+    order = np.argsort(counts)[::-1]  # most numerous first: the anion
+    species = _elements(rng, n_species, rng.random() < 0.15)
+    species = [species[int(np.where(order == i)[0][0])] for i in range(n_species)]
+    site_lists = [[lab for lab, o in zip(labels, owner) if o == s] for s in range(n_species)]
+    xtal = pyxtal()
+    for _ in range(3):
+        try:
+            xtal.from_random(3, sg, species, counts, factor=1.1, sites=site_lists,
+                             random_state=int(rng.integers(2**31)))
+        except Exception:  # pyxtal gives up on some combinations
+            continue
+        if xtal.valid:
+            return xtal.to_pymatgen(), sg
+    return None, sg
+
+
 def prototype(name: str, rng: np.random.Generator):
     """Prototype ``name`` with random elements in its roles and a scaled cell."""
     from pymatgen.core import Lattice, Structure
@@ -236,9 +300,12 @@ def _three(hkl) -> tuple[int, int, int]:
     return (hkl[0], hkl[1], hkl[3]) if len(hkl) == 4 else hkl
 
 
-def make_crystal(seed: int, index: int, prototype_share: float = 0.15) -> Crystal | None:
+def make_crystal(seed: int, index: int, prototype_share: float = 0.15,
+                 prior: str = "uniform") -> Crystal | None:
     """Structure ``index`` of set ``seed``: a prototype (share ``prototype_share``) or a
-    random pyxtal crystal in a uniformly drawn space group; None if generation failed."""
+    random pyxtal crystal, its space group drawn uniformly (``prior="uniform"``) or, with
+    its Wyckoff positions, as often as among Materials Project structures (``"mp"``);
+    None if generation failed."""
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
     rng = _rng(seed, index)
@@ -246,8 +313,12 @@ def make_crystal(seed: int, index: int, prototype_share: float = 0.15) -> Crysta
         name = str(rng.choice(sorted(PROTOTYPES)))
         structure, source, sg = prototype(name, rng), f"prototype:{name}", PROTOTYPES[name][0]
     else:
-        sg = int(rng.integers(1, 231))
-        structure, source = random_pyxtal(sg, rng), "pyxtal"
+        if prior == "mp":
+            structure, sg = random_pyxtal_mp(rng)
+        else:
+            sg = int(rng.integers(1, 231))
+            structure = random_pyxtal(sg, rng)
+        source = "pyxtal"
         if structure is None:
             return None
     try:
@@ -368,10 +439,18 @@ class CrystalSet:
                 "train": np.nonzero(u >= test + validation)[0]}
 
 
+def set_dir(seed: int = 0, directory: str | Path | None = None, prior: str = "uniform") -> Path:
+    """Where set ``seed`` of ``prior`` is cached (``seed<seed>`` for the uniform prior,
+    ``<prior>-seed<seed>`` otherwise)."""
+    name = f"seed{seed}" if prior == "uniform" else f"{prior}-seed{seed}"
+    return cache_dir(directory) / name
+
+
 def generate(n: int, seed: int = 0, directory: str | Path | None = None, chunk: int = 100,
              log=None, minutes: float | None = None, part: int = 0,
-             parts: int = 1, timeout: float = 20.0) -> CrystalSet:
-    """The first ``n`` structures of set ``seed``, generated or read from the cache.
+             parts: int = 1, timeout: float = 20.0, prior: str = "uniform") -> CrystalSet:
+    """The first ``n`` structures of set ``seed`` (space groups drawn by ``prior``, see
+    ``make_crystal``), generated or read from the cache.
 
     Chunks of ``chunk`` structures are written as they complete, so an interrupted run
     resumes where it stopped; ``minutes`` bounds the time spent generating (what exists
@@ -379,7 +458,7 @@ def generate(n: int, seed: int = 0, directory: str | Path | None = None, chunk: 
     (run ``parts`` processes with ``part`` = 0 … parts-1 to generate in parallel).
     A structure that takes longer than ``timeout`` seconds (pyxtal sometimes searches a
     long time) is skipped, so the set depends on the machine only through such skips."""
-    root = cache_dir(directory) / f"seed{seed}"
+    root = set_dir(seed, directory, prior)
     sets, t0 = [], time.time()
     for c0 in range(0, n, chunk):
         if (c0 // chunk) % parts != part:
@@ -391,7 +470,8 @@ def generate(n: int, seed: int = 0, directory: str | Path | None = None, chunk: 
         if minutes is not None and time.time() - t0 > 60 * minutes:
             break
         crystals = [c for i in range(c0, min(c0 + chunk, n))
-                    if (c := _bounded(make_crystal, seed, i, seconds=timeout)) is not None]
+                    if (c := _bounded(make_crystal, seed, i, 0.15, prior,
+                                      seconds=timeout)) is not None]
         block = CrystalSet.from_crystals(crystals)
         if c0 + chunk <= n:  # only whole chunks are cached
             block.save(path)
@@ -430,9 +510,10 @@ def _bounded(fn, *args, seconds: float = 20.0):
         signal.signal(signal.SIGALRM, old)
 
 
-def cached(seed: int = 0, directory: str | Path | None = None) -> CrystalSet:
-    """Every chunk of set ``seed`` already in the cache."""
-    root = cache_dir(directory) / f"seed{seed}"
+def cached(seed: int = 0, directory: str | Path | None = None,
+           prior: str = "uniform") -> CrystalSet:
+    """Every chunk of set ``seed`` (of ``prior``) already in the cache."""
+    root = set_dir(seed, directory, prior)
     paths = [p for p in (sorted(root.glob("chunk*.npz")) if root.exists() else [])
              if not p.name.endswith(".tmp.npz")]
     if not paths:

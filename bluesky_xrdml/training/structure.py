@@ -454,6 +454,9 @@ def train_structure_command(
     base: Annotated[Path | None, typer.Option(
         help="weights to fine-tune (default: the shipped ones)")] = None,
     seed: Annotated[int, typer.Option(help="random seed (structures and training)")] = 0,
+    prior: Annotated[str, typer.Option(
+        help="how space groups are drawn: 'mp' (space groups and Wyckoff positions as often "
+             "as among Materials Project structures, pyxtal's table) or 'uniform'")] = "mp",
     follow_cache: Annotated[bool, typer.Option(
         help="re-read the structure cache every epoch (another process is filling it)")] = False,
     threads: Annotated[int, typer.Option(help="CPU threads for torch")] = 2,
@@ -482,7 +485,7 @@ def train_structure_command(
             raise typer.Exit(1) from None
         console.print(f"{len(runs)} labelled run(s), "
                       f"{sum(len(r['patterns']) for r in runs)} patterns")
-        simulated = cr.cached(seed, cache)
+        simulated = cr.cached(seed, cache, prior)
         out = Path(out or "structure-finetuned.safetensors")
         card = finetune(runs, out, base=base, steps=steps or 300,
                         seed=seed, simulated=simulated if len(simulated) else None,
@@ -492,18 +495,22 @@ def train_structure_command(
                       f"before, {m['after']['space_group_top1']:.3f} after")
     else:
         t0 = time.monotonic()
+        if prior not in ("mp", "uniform"):
+            console.print(f"[red]--prior is 'mp' or 'uniform', not {prior!r}[/red]")
+            raise typer.Exit(2)
         cs = cr.generate(structures, seed=seed, directory=cache, minutes=generate_minutes,
-                         log=console.print)
+                         log=console.print, prior=prior)
         gen_s = time.monotonic() - t0
         console.print(f"{len(cs)} structures ready in {gen_s:.0f} s (cache: "
-                      f"{cr.cache_dir(cache) / f'seed{seed}'})")
+                      f"{cr.set_dir(seed, cache, prior)})")
         out = Path(out or "structure.safetensors")
         try:
             card = train(cs, out, steps=steps or 20000, batch=batch, lr=lr, minutes=minutes,
                          seed=seed,
                          version=version, log=console.print, progress=progress,
-                         data={"seed": seed, "requested": structures},
-                         refresh=(lambda: cr.cached(seed, cache)) if follow_cache else None)
+                         data={"seed": seed, "requested": structures, "prior": prior},
+                         refresh=(lambda: cr.cached(seed, cache, prior)) if follow_cache
+                         else None)
         except ValueError as err:
             console.print(f"[red]{err}[/red]")
             raise typer.Exit(1) from None
