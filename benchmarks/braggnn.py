@@ -98,6 +98,21 @@ def simulated(model, n: int, fit_n: int):
         print(f"  {label:12s} {name:17s} {pct(e[m])}")
     print(f"  ('compact, seen': the compact spots at least 6σ of the background high, which the "
           f"peak finder needs; {np.mean(seen[kind == 'isolated']):.1%} of the compact ones)")
+    # the tail of the compact error: faint spots (height over σ of the background)
+    iso = kind == "isolated"
+    fitted = iso & ~np.isnan(errs["pseudo-Voigt fit"])
+    sig = sim["height"] / sim["noise"]
+    print(f"  compact p75 / p95 by height / σ of the background (BraggNN all; BraggNN and fit "
+          f"on the {fitted.sum()} fitted):")
+    for lo, hi in ((0, 6), (6, 10), (10, 20), (20, 50), (50, 200), (200, np.inf)):
+        b = (sig >= lo) & (sig < hi)
+        big = np.mean(b[iso][errs["BraggNN"][iso] > np.percentile(errs["BraggNN"][iso], 95)])
+        print(f"    {lo:>4}-{hi:<4} {b[iso].mean():5.1%} of them, {big:5.1%} of BraggNN's top 5 %:"
+              f" {pct(errs['BraggNN'][iso & b], (75, 95))} | fitted: BraggNN "
+              f"{pct(errs['BraggNN'][fitted & b], (75, 95))}, fit "
+              f"{pct(errs['pseudo-Voigt fit'][fitted & b], (75, 95))}")
+    print(f"  compact, the {fitted.sum()} fitted: BraggNN {pct(errs['BraggNN'][fitted])}; fit "
+          f"{pct(errs['pseudo-Voigt fit'][fitted])}")
     for what, m in (("compact", kind == "isolated"),
                     ("compact, seen", (kind == "isolated") & seen)):
         p75, p95 = np.percentile(errs["BraggNN"][m], [75, 95])

@@ -73,27 +73,31 @@ def test_predict_contract_dtypes_coordinates_and_std(model):
 def test_shipped_weights_have_a_card_with_provenance(model):
     card = json.loads((WEIGHTS_DIR / "braggnn.json").read_text())
     assert card["sha256"] == sha256_file(WEIGHTS_DIR / "braggnn.safetensors")
-    # the default: two lean networks with variance heads, one of them correcting the
-    # patch's centroid, combined by their variances; together ~10× cheaper than one
+    # the default: ONE lean network (one forward pass per patch) with a variance head,
+    # blending an absolute centre and a corrected centroid per peak; ~20× cheaper than one
     # reference network
-    members = card["architecture"]["members"]
-    assert [(a["outputs"], a["inter"], a.get("residual", False)) for a in members] == [
-        (4, 0, False), (4, 0, True)]
-    assert card["flops_per_patch"] < bnn.flops_per_patch() / 5
+    arch = card["architecture"]
+    assert (arch["outputs"], arch["inter"], arch["blend"]) == (4, 0, True)
+    assert card["flops_per_patch_per_member"] < bnn.flops_per_patch() / 10
     assert card["training"]["labels"].startswith("true centres")
     assert {"streak", "saturated", "gap", "sparse"} <= set(card["training"]["recipe"]["kinds"])
     assert card["metrics"]["isolated"]["p75"] < 0.15
     assert 0.55 < card["calibration"]["within_1sigma"] < 0.85
     assert model.provenance() == {"name": "braggnn", "version": card["version"],
                                   "sha256": card["sha256"]}
-    assert len(model.ensemble.members) == card["members"] == 2
-    assert [m.residual for m in model.ensemble.members] == [False, True]
-    # the reference 5-member ensemble stays available on request, same contract
+    assert len(model.ensemble.members) == card["members"] == 1
+    assert model.ensemble.members[0].blend
+    # the v3.0 pair it was distilled from, and the reference 5-member ensemble, stay
+    # available on request, same contract
+    pair = load_model("braggnn-pair", device="cpu")
+    assert [m.residual for m in pair.ensemble.members] == [False, True]
+    assert card["training"]["distilled_from"]["sha256"] == pair.provenance()["sha256"]
     ensemble = load_model("braggnn-ensemble", device="cpu")
     assert len(ensemble.ensemble.members) == 5
     assert ensemble.provenance()["name"] == "braggnn-ensemble"
-    centre, std = ensemble.predict(np.full((2, 11, 11), 10.0), return_std=True)
-    assert centre.shape == std.shape == (2, 2)
+    for other in (pair, ensemble):
+        centre, std = other.predict(np.full((2, 11, 11), 10.0), return_std=True)
+        assert centre.shape == std.shape == (2, 2)
 
 
 @pytest.fixture
@@ -206,6 +210,43 @@ def test_networks_of_two_architectures_combine_by_their_variances(tmp_path):
     bad = CliRunner().invoke(app, ["train", "braggnn", "--combine", str(paths[0]), "--out",
                                    str(out)])
     assert bad.exit_code != 0 and "at least two" in bad.output
+
+
+def test_blend_network_starts_from_a_pair_and_distils_it(tmp_path, one_thread):
+    from bluesky_xrdml.models import weights
+
+    # a pair of tiny untrained networks: absolute and residual
+    paths = []
+    for i, arch in enumerate((bnn.LEAN, bnn.LEAN_RESIDUAL)):
+        net = bnn.BraggNNEnsemble(1, seed=i, **bnn.arch_kwargs(bnn.architecture(**arch)))
+        paths.append(tmp_path / f"part{i}.safetensors")
+        weights.save(paths[-1], bnn.tensors(net), {"model": "braggnn", "version": str(i)})
+    pair_path = tmp_path / "pair.safetensors"
+    assert CliRunner().invoke(app, ["train", "braggnn", "--combine", str(paths[0]), "--combine",
+                                    str(paths[1]), "--out", str(pair_path)]).exit_code == 0
+    out = tmp_path / "blend.safetensors"
+    result = CliRunner().invoke(app, [
+        "train", "braggnn", "--arch", "lean-blend", "--resume", str(pair_path), "--teacher",
+        str(pair_path), "--faint-share", "0.2", "--epochs", "1", "--patches-per-epoch",
+        "600", "--lr", "0", "--out", str(out), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["members"] == 1 and card["architecture"]["blend"]
+    assert card["training"]["distilled_from"]["sha256"] == sha256_file(pair_path)
+    assert card["training"]["faint_compact"]["share"] == 0.2
+    # untrained (lr 0): the residual network's layers, its corrected centroid weighted by
+    # the gate's start sigmoid(2), the rest the patch centre; its variance head unchanged
+    blend = load_model(str(out))  # the blend is read from the tensors
+    assert blend.ensemble.members[0].blend and len(blend.ensemble.members) == 1
+    patches = simulate_patches(50, seed=3)["patches"]
+    res = load_model(str(paths[1])).raw(patches)[0]
+    y = blend.raw(patches)[0]
+    g = 1 / (1 + np.exp(-2.0))
+    assert np.allclose(y[:, :2], g * res[:, :2] + (1 - g) * 5.0, atol=1e-4)
+    assert np.allclose(y[:, 2:], res[:, 2:], atol=1e-5)
+    # the extra faint spots: at most that many σ of the background high
+    faint = simulate_patches(300, seed=5, kinds=["isolated"], max_height_sigmas=10)
+    assert np.all(faint["height"] <= np.maximum(10 * faint["noise"], 15.2))
 
 
 def nearest(truth, table):

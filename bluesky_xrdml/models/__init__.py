@@ -21,6 +21,7 @@ def register(name: str, module: str) -> None:
 
 register("braggnn", "bluesky_xrdml.models.braggnn")
 register("braggnn-ensemble", "bluesky_xrdml.models.braggnn_ensemble")
+register("braggnn-pair", "bluesky_xrdml.models.braggnn")  # v3.0: two networks
 register("pqnet-demo", "bluesky_xrdml.models.pqnet")
 register("pqnet", "bluesky_xrdml.models.pqnet")  # what a trained model's card says
 register("pqnet-oxides", "bluesky_xrdml.models.pqnet")

@@ -11,10 +11,13 @@ The reference architecture, as in the authors' public code:
 - fully connected 200 → 16 → 8 → 4 → 2 (LeakyReLU between), ~33 k parameters.
 
 The network predicts the centre divided by the patch size. The shipped default
-(``load_model("braggnn")``) is one network of the lean variant ``LEAN``: no non-local
-block, 8/16/8 channels, dense 200 → 64 → 32 → 4, the last two outputs the log-variance of
-the centre (a heteroscedastic head), ~0.2 MFLOP per patch. The reference 5-member ensemble
-is ``load_model("braggnn-ensemble")``. ``BraggNNPredictor`` wraps either behind
+(``load_model("braggnn")``) is one network of the lean variant ``LEAN_BLEND``: no non-local
+block, 8/16/8 channels, dense 200 → 64 → 32 → 7: an absolute centre, a correction to the
+patch's thresholded centroid (``patch_centroid``), a gate that blends the two per peak, and
+the log-variance of the blended centre (a heteroscedastic head), ~0.2 MFLOP per patch. The
+two-network pair it was distilled from (``LEAN`` + ``LEAN_RESIDUAL``, combined by their
+variances) is ``load_model("braggnn-pair")``, the reference 5-member ensemble
+``load_model("braggnn-ensemble")``. ``BraggNNPredictor`` wraps either behind
 ``predict(patches, return_std=False)`` (one forward pass for all members, batched over
 patches). No Bluesky in here.
 """
@@ -67,13 +70,19 @@ class BraggNN(nn.Module):
 
     def __init__(self, patch: int = PATCH, channels=(64, 32, 8), fc=(16, 8, 4),
                  inter: int = 32, slope: float = 0.01, outputs: int = 2,
-                 residual: bool = False):
+                 residual: bool = False, blend: bool = False):
         super().__init__()
+        if blend and (residual or outputs != 4):
+            raise ValueError("a blend network has a variance head (outputs=4) and its own "
+                             "centroid branch (residual=False)")
         self.patch = patch
         self.outputs = outputs
         self.residual = residual
+        self.blend = blend
         if residual:  # so that saved weights say how their output is to be read
             self.register_buffer("centroid_base", torch.ones(()))
+        if blend:
+            self.register_buffer("centroid_blend", torch.ones(()))
         c1, c2, c3 = channels
         self.conv1 = nn.Conv2d(1, c1, 3)
         self.nlb = NonLocalBlock(c1, inter) if inter else nn.Identity()
@@ -85,24 +94,34 @@ class BraggNN(nn.Module):
         layers = []
         for a, b in zip(sizes[:-1], sizes[1:]):
             layers += [nn.Linear(a, b), nn.LeakyReLU(slope)]
-        layers.append(nn.Linear(sizes[-1], outputs))
+        # a blend network's last layer: absolute centre (2), correction to the centroid (2),
+        # gate (1), log-variance (2)
+        layers.append(nn.Linear(sizes[-1], BLEND_OUTPUTS if blend else outputs))
         self.dense = nn.Sequential(*layers)
         # start by predicting the patch centre (labels are centre / patch size), or no
         # correction to the centroid, and a variance of about (1 px)²
         nn.init.constant_(self.dense[-1].bias[:2], 0.0 if residual else (patch - 1) / 2 / patch)
-        if outputs == 4:
-            with torch.no_grad():
-                self.dense[-1].bias[2:] = 2 * np.log(1.0 / patch)
+        with torch.no_grad():
+            if outputs == 4:
+                self.dense[-1].bias[-2:] = 2 * np.log(1.0 / patch)
+            if blend:
+                self.dense[-1].bias[2:5] = 0.0
 
     def forward(self, x):
         y = self.act(self.nlb(self.conv1(x)))
         y = self.act(self.conv2(y))
         y = self.act(self.conv3(y))
         y = self.dense(y.flatten(1))
+        if self.blend:  # one estimate, from two branches of the same features
+            gate = torch.sigmoid(y[:, 4:5])
+            corrected = patch_centroid(x) / self.patch + y[:, 2:4]
+            return torch.cat([gate * corrected + (1 - gate) * y[:, :2], y[:, 5:]], dim=1)
         if not self.residual:
             return y
         return torch.cat([y[:, :2] + patch_centroid(x) / self.patch, y[:, 2:]], dim=1)
 
+
+BLEND_OUTPUTS = 7
 
 # The centroid a residual network corrects: of the pixels above BASE_LEVEL × the peak and
 # BASE_SIGMAS × the noise of the border (above the background). On simulated compact spots
@@ -138,6 +157,10 @@ def patch_centroid(x: torch.Tensor, level: float = BASE_LEVEL,
 LEAN = {"channels": [8, 16, 8], "fc": [64, 32], "inter": 0, "outputs": 4}
 # the same, its centre a learned correction to the patch's thresholded centroid
 LEAN_RESIDUAL = {**LEAN, "residual": True}
+# one network, both: its features give an absolute centre, a correction to the centroid and
+# a gate that blends the two per peak (the centroid where it is good: bright spots), and
+# the log-variance of the blend
+LEAN_BLEND = {**LEAN, "blend": True}
 
 
 def architecture(**overrides) -> dict:
@@ -150,6 +173,11 @@ def architecture(**overrides) -> dict:
         arch["nonlocal_after"] = None
     if arch["outputs"] == 4:
         arch["output"] += " + log-variance of each (heteroscedastic head)"
+    if arch.get("blend"):
+        arch["output"] = arch["output"].replace(
+            "centre (row, col)", "centre (row, col) = g × (centroid of the patch above "
+            f"{BASE_LEVEL:g} × its peak and {BASE_SIGMAS:g} σ of its border + learned "
+            "correction) + (1 - g) × learned absolute centre, gate g learned per peak", 1)
     if arch.get("residual"):
         arch["output"] = arch["output"].replace(
             "centre (row, col)", f"centre (row, col) = centroid of the patch above "
@@ -163,7 +191,8 @@ def arch_kwargs(arch: dict) -> dict:
     return {"patch": arch.get("patch", PATCH), "channels": tuple(arch.get("channels", (64, 32, 8))),
             "fc": tuple(arch.get("fc", (16, 8, 4))), "inter": arch.get("inter", 32),
             "slope": arch.get("slope", 0.01), "outputs": arch.get("outputs", 2),
-            "residual": bool(arch.get("residual", False))}
+            "residual": bool(arch.get("residual", False)),
+            "blend": bool(arch.get("blend", False))}
 
 
 def n_parameters(module: nn.Module) -> int:
@@ -181,6 +210,8 @@ def flops_per_patch(net: BraggNN | None = None) -> int:
     macs = n1 * c1 * 9 + 3 * n1 * c1 * inter + 2 * n1 * n1 * inter + n1 * inter * c1
     macs += s2 * s2 * c2 * c1 * 9 + s3 * s3 * c3 * c2 * 9
     macs += sum(m.in_features * m.out_features for m in net.dense if isinstance(m, nn.Linear))
+    if getattr(net, "residual", False) or getattr(net, "blend", False):
+        macs += 4 * p * p  # the thresholded centroid
     return 2 * macs
 
 
@@ -316,10 +347,11 @@ def arch_of(state: dict, card: dict, member: int = 0) -> dict:
     w = {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"members.{member}.")}
     dense = sorted((int(k.split(".")[1]), v.shape[0]) for k, v in w.items()
                    if k.startswith("dense.") and k.endswith(".weight"))
+    blend = "centroid_blend" in w
     arch.update(channels=[int(w[f"conv{i}.weight"].shape[0]) for i in (1, 2, 3)],
                 inter=int(w["nlb.theta.weight"].shape[0]) if "nlb.theta.weight" in w else 0,
-                fc=[int(n) for _, n in dense[:-1]], outputs=int(dense[-1][1]),
-                residual="centroid_base" in w)
+                fc=[int(n) for _, n in dense[:-1]], outputs=4 if blend else int(dense[-1][1]),
+                residual="centroid_base" in w, blend=blend)
     return arch
 
 

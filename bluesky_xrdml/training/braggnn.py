@@ -148,6 +148,42 @@ def train_ensemble(ensemble: bnn.BraggNNEnsemble, data, epochs: int, *, batch: i
     return history
 
 
+def _weights(path: str | Path) -> Path:
+    """A weights file, or the shipped weights of that name (``braggnn-pair``)."""
+    shipped = weights_io.WEIGHTS_DIR / f"{path}.safetensors"
+    return Path(path) if Path(path).exists() or not shipped.exists() else shipped
+
+
+def _start_blend(net: bnn.BraggNN, previous: bnn.BraggNNPredictor) -> str:
+    """Start a blend network from one network of ``previous`` (its residual member where it
+    has one): its convolutions and hidden dense layers as they are, its centre output as
+    the blend's correction (residual) or absolute branch, its variance head as the blend's,
+    the other branch at zero weights and the gate leaning to the network's own branch."""
+    members = list(previous.ensemble.members)
+    i = next((k for k, m in enumerate(members) if m.residual), 0)
+    src = members[i]
+    if getattr(src, "blend", False) or src.outputs != 4:
+        raise ValueError("a blend network starts from a lean or lean-residual network with a "
+                         "variance head")
+    state = {k: v for k, v in src.state_dict().items() if k != "centroid_base"}
+    last = f"dense.{len(net.dense) - 1}"
+    w, b = state.pop(f"{last}.weight"), state.pop(f"{last}.bias")
+    own = net.state_dict()
+    own.update(state)
+    new_w, new_b = own[f"{last}.weight"].clone(), own[f"{last}.bias"].clone()
+    new_w[:5] = 0.0
+    new_b[:2] = (net.patch - 1) / 2 / net.patch  # absolute branch: the patch centre
+    new_b[2:4] = 0.0
+    rows = slice(2, 4) if src.residual else slice(0, 2)
+    new_w[rows], new_b[rows] = w[:2], b[:2]
+    new_w[5:], new_b[5:] = w[2:], b[2:]
+    new_b[4] = 2.0 if src.residual else -2.0
+    own[f"{last}.weight"], own[f"{last}.bias"] = new_w, new_b
+    net.load_state_dict(own)
+    return (f"layers of its network {i + 1} ({'residual' if src.residual else 'absolute'}), "
+            "the other branch and the gate new")
+
+
 def percentiles(err: np.ndarray) -> dict:
     if len(err) == 0:
         return {}
@@ -230,6 +266,8 @@ def train_from_simulation(out: str | Path, *, epochs: int = 40, patches_per_epoc
                           minutes: float | None = None, trunk_fraction: float = 0.75,
                           resume: str | Path | None = None, progress: bool = True,
                           version: str = "2.0", arch: dict | None = None, lr: float = 1e-3,
+                          faint_share: float = 0.0, faint_sigmas: float = 40.0,
+                          teacher: str | Path | None = None, distil: float = 0.5,
                           log=print) -> dict:
     """Train BraggNN on simulated patches and save it (+ card, + loss-curve PNG).
 
@@ -239,17 +277,34 @@ def train_from_simulation(out: str | Path, *, epochs: int = 40, patches_per_epoc
     (or of ``minutes``), then forked into ``members`` copies that each continue on their
     own fresh patches and shuffles at a tenth of the learning rate; ``trunk_fraction=0``
     trains independent members. ``resume``: a weights file whose members' average starts
-    the training (continuing an earlier run; same architecture)."""
+    the training (continuing an earlier run; same architecture); a blend network
+    (``bnn.LEAN_BLEND``) starts from the layers of a residual (else an absolute) network of
+    the file, e.g. of the v3.0 pair. ``faint_share``: that share of each epoch's patches
+    are extra compact spots at most ``faint_sigmas`` σ of the background high (the faint
+    spots that make the tail of the error). ``teacher``: a weights file (e.g. the v3.0 pair)
+    whose predictions are distilled: the target of each patch is ``distil`` × the
+    teacher's centre + (1 - ``distil``) × the true one."""
     torch.manual_seed(seed)
     arch_card = bnn.architecture(**(bnn.LEAN if arch is None else arch))
     kwargs = bnn.arch_kwargs(arch_card)
     val = simulate_patches(n_val, seed=[seed, 10_000_000])
     val_small = (val["patches"][:4000], val["centre"][:4000])
 
+    n_faint = int(round(faint_share * patches_per_epoch))
+    teacher_model = bnn.load(_weights(teacher)) if teacher else None
+
     def data(offset):
         def make(epoch):
-            d = simulate_patches(patches_per_epoch, seed=[seed, offset + epoch])
-            return d["patches"], d["centre"]
+            d = simulate_patches(patches_per_epoch - n_faint, seed=[seed, offset + epoch])
+            patches, centres = d["patches"], d["centre"]
+            if n_faint:
+                f = simulate_patches(n_faint, seed=[seed, offset + epoch, 1],
+                                     kinds=["isolated"], max_height_sigmas=faint_sigmas)
+                patches = np.concatenate([patches, f["patches"]])
+                centres = np.concatenate([centres, f["centre"]])
+            if teacher_model is not None:
+                centres = distil * teacher_model.predict(patches) + (1 - distil) * centres
+            return patches, centres
         return make
 
     t0 = time.perf_counter()
@@ -257,9 +312,15 @@ def train_from_simulation(out: str | Path, *, epochs: int = 40, patches_per_epoc
     trunk_epochs = int(round(trunk_fraction * epochs)) if members > 1 else epochs
     resumed = None
     trunk = bnn.BraggNNEnsemble(1, seed=seed, **kwargs)
-    if resume:
-        previous = bnn.load(resume)
-        if len({m.residual for m in previous.ensemble.members}) > 1:
+    resume = _weights(resume) if resume else None
+    previous = bnn.load(resume) if resume else None
+    if resume and trunk.members[0].blend and not previous.ensemble.members[0].blend:
+        said = _start_blend(trunk.members[0], previous)
+        resumed = {**weights_io.provenance(previous.card), "layers_from": said,
+                   "training_seconds": previous.card.get("training", {}).get("seconds")}
+        log(f"starting from {resume}: {said}")
+    elif resume:
+        if len({(m.residual, m.blend) for m in previous.ensemble.members}) > 1:
             raise ValueError(f"{resume} combines networks of different architectures; resume "
                              "from one of the files it was combined from")
         states = [m.state_dict() for m in previous.ensemble.members]
@@ -317,6 +378,12 @@ def train_from_simulation(out: str | Path, *, epochs: int = 40, patches_per_epoc
                      "loss": "MSE on centre / patch size + 1e-3 × Gaussian NLL of the "
                      "variance head (centre detached)", "minutes_limit": minutes,
                      "resumed_from": resumed,
+                     "distilled_from": {**weights_io.provenance(teacher_model.card),
+                                        "target": f"{distil:g} × the teacher's centre + "
+                                        f"{1 - distil:g} × the true one"}
+                     if teacher_model is not None else None,
+                     "faint_compact": {"share": faint_share, "max_height_sigmas": faint_sigmas,
+                                       "kind": "isolated"} if n_faint else None,
                      "seconds": round(seconds, 1), "device": "cpu",
                      "threads": torch.get_num_threads()},
         "validation": {"patches": n_val, "seed": [seed, 10_000_000], "kinds": list(KINDS)},

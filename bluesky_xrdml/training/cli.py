@@ -43,7 +43,8 @@ def _frames_from_run(catalog_uri: str, uid: str, key: str | None, max_frames: in
 def _arch(name: str) -> dict:
     from ..models import braggnn as bnn
 
-    archs = {"lean": bnn.LEAN, "lean-residual": bnn.LEAN_RESIDUAL, "reference": {}}
+    archs = {"lean": bnn.LEAN, "lean-residual": bnn.LEAN_RESIDUAL, "lean-blend": bnn.LEAN_BLEND,
+             "reference": {}}
     if name not in archs:
         raise typer.BadParameter(f"unknown architecture {name!r}; use one of {sorted(archs)}")
     return archs[name]
@@ -91,11 +92,22 @@ def braggnn(
     members: int = typer.Option(1, help="networks: 1 (default, σ from its variance head) or "
                                 "an ensemble of several"),
     arch: str = typer.Option("lean", help="architecture: 'lean' (no non-local block, variance "
-                             "head; the shipped default), 'lean-residual' (the same, "
-                             "correcting the patch's centroid) or 'reference' (Liu et al. "
-                             "2022)"),
+                             "head), 'lean-residual' (the same, "
+                             "correcting the patch's centroid), 'lean-blend' (one network "
+                             "blending both per peak: the shipped v4.0) or 'reference' "
+                             "(Liu et al. 2022)"),
     resume: Path = typer.Option(None, help="continue training from these weights "
-                                "(simulation only; the average of their members starts the trunk)"),
+                                "(simulation only; the average of their members starts the trunk; "
+                                "a lean-blend network starts from their residual network)"),
+    faint_share: float = typer.Option(0.0, help="share of each epoch's simulated patches that "
+                                      "are extra faint compact spots (at most --faint-sigmas "
+                                      "σ of the background high)"),
+    faint_sigmas: float = typer.Option(40.0, help="height limit of those faint spots, in σ of "
+                                       "the background"),
+    lr: float = typer.Option(1e-3, help="learning rate (simulation)"),
+    teacher: Path = typer.Option(None, help="distil these weights (e.g. the v3.0 pair, "
+                                 "braggnn-pair): targets mix their centres with the true ones"),
+    distil: float = typer.Option(0.5, help="weight of the teacher's centre in the target"),
     minutes: float = typer.Option(None, help="stop training after this many minutes"),
     combine: list[Path] = typer.Option(None, "--combine", help="instead of training: one "
                                        "model of the networks of these weights files "
@@ -167,7 +179,9 @@ def braggnn(
         card = training.train_from_simulation(
             out, epochs=epochs or 40, patches_per_epoch=patches_per_epoch, members=members,
             seed=seed, minutes=minutes, trunk_fraction=trunk_fraction, resume=resume,
-            version=version, arch=_arch(arch), log=console.print)
+            version=version, arch=_arch(arch), faint_share=faint_share,
+            faint_sigmas=faint_sigmas, lr=lr, teacher=teacher, distil=distil,
+            log=console.print)
         m = card["metrics"]["all"]
         console.print(f"validation vs truth: p50 {m['p50']:.3f}  p75 {m['p75']:.3f}  "
                       f"p95 {m['p95']:.3f}  p99 {m['p99']:.3f} px  ({m['n']} patches)")

@@ -65,12 +65,14 @@ def _loguniform(rng, lo, hi, n):
 
 
 def simulate_patches(n: int, seed: int | np.random.Generator = 0, kinds=None,
-                     patch: int = PATCH) -> dict:
+                     patch: int = PATCH, max_height_sigmas: float | None = None) -> dict:
     """``n`` patches: dict with ``patches`` (n, 11, 11) float32 counts, ``centre`` (n, 2)
     true (row, col) of the whole spot's intensity centroid in patch pixels, ``kind`` (n,)
     str, ``snr`` (n,) peak height over the counting noise at the top, ``height`` (n,),
     ``noise`` (n,) σ of the background counts (Poisson + read noise): the peak finder needs
-    ``height`` above ``k``·``noise`` (k = 6 by default) to see a spot at all."""
+    ``height`` above ``k``·``noise`` (k = 6 by default) to see a spot at all.
+    ``max_height_sigmas``: faint spots only, their heights at most this many σ of the
+    background (a training mix's extra faint spots; the recipe's upper limit otherwise)."""
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     probs = RECIPE["kinds"]
     names = list(kinds) if kinds is not None else list(probs)
@@ -94,7 +96,10 @@ def simulate_patches(n: int, seed: int | np.random.Generator = 0, kinds=None,
     slope = rng.normal(0, 1, (n, 2)) * (0.03 * b0 + 0.3)[:, None]
     read = rng.uniform(0, 5, n)
     # from about the detection limit (the peak finder wants 6 σ of the background) upward
-    height = _loguniform(rng, np.maximum(15.0, 4 * np.sqrt(b0 + read**2)), 150000.0, n)
+    low = np.maximum(15.0, 4 * np.sqrt(b0 + read**2))
+    high = 150000.0 if max_height_sigmas is None else np.maximum(
+        low * 1.01, np.minimum(150000.0, max_height_sigmas * np.sqrt(b0 + read**2)))
+    height = _loguniform(rng, low, high, n)
 
     expected = (col3(b0) + col3(slope[:, 0]) * (rows - mid) + col3(slope[:, 1]) * (cols - mid))
     expected = np.clip(expected, 0.0, None)
