@@ -85,12 +85,20 @@ def logits_of(net: st.StructureNet, x: torch.Tensor, chem: torch.Tensor,
 
 
 def fit_temperature(logits: torch.Tensor, label: torch.Tensor) -> float:
-    """The temperature minimising the NLL of ``logits`` (grid search, log scale)."""
+    """The temperature that calibrates ``logits`` best: the smallest of the space-group and
+    crystal-system expected calibration errors (the larger of the two, minimised over a log
+    grid; ties to the lower NLL). The NLL-optimal temperature can leave the space-group ECE
+    at 0.13 where a lower one reaches 0.03 (a prior concentrated on a few groups)."""
     if len(label) == 0:
         return 1.0
-    grid = np.exp(np.linspace(np.log(0.2), np.log(20.0), 120))
-    nll = [float(F.cross_entropy(logits / t, label)) for t in grid]
-    return float(grid[int(np.argmin(nll))])
+    grid = np.exp(np.linspace(np.log(0.3), np.log(10.0), 60))
+    sg = label.numpy() + 1
+    scores = []
+    for t in grid:
+        m = metrics(torch.softmax(logits / t, 1).numpy(), sg)
+        scores.append((round(max(m["ece_space_group"], m["ece_crystal_system"]), 3),
+                       float(F.cross_entropy(logits / t, label))))
+    return float(grid[min(range(len(grid)), key=scores.__getitem__)])
 
 
 def metrics(p_sg: np.ndarray, label_sg: np.ndarray, bins: int = 15) -> dict:
@@ -312,6 +320,8 @@ def train(cs: cr.CrystalSet, out: str | Path, *, steps: int = 4000, batch: int =
         "method": "Gong, Aguiar et al., Microsc. Microanal. (diffraction + chemistry, "
                   "modality drop-out); crystal system = Σ space-group probabilities",
         "temperature": temperature,
+        "calibration": "temperature minimising max(space-group ECE, crystal-system ECE) on "
+                       "validation",
         "training": {"steps": history[-1]["step"] if history else 0, "batch": batch, "lr": lr,
                      "seconds": round(train_s, 1), "seed": seed,
                      "threads": torch.get_num_threads(),
