@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 class BraggPeaks:
     """2D frames -> a peak table: threshold, components, 11×11 patches, then centres.
 
-    ``method="braggnn"`` (default): the BraggNN ensemble (shipped weights, or ``weights=``
+    ``method="braggnn"`` (default): BraggNN (the shipped one network, or ``weights=``
     a path to your own), batched over all the frames the worker hands over at once. It
     centres neighbours and doublets itself (it was trained on them); peaks whose predicted
     σ exceeds the model's ``uncertain_px`` are flagged ``uncertain`` in the peak table
