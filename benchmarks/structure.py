@@ -56,7 +56,7 @@ def main():
     print(f"test set: structure set seed {args.seed}, space groups drawn by the {prior!r} prior "
           f"(the model was trained on {card.get('data', {}).get('prior', 'uniform')!r})")
     test = cs.split()["test"] if len(cs) else np.zeros(0, int)
-    results = {}
+    results, p_sg = {}, {}
     if len(test):
         data = ts.fixed_set(cs, test, 12345, model.q, repeats=args.repeats)
         label = data["label"].numpy() + 1
@@ -64,8 +64,8 @@ def main():
                            ("pattern_only", torch.zeros_like(data["chem"]))):
             logits = ts.logits_of(model.net, data["x"], chem)
             has = np.full(len(label), mode == "chemistry")
-            p = model.probabilities(logits, has)["space_group"]
-            results[mode] = ts.metrics(p, label)
+            p_sg[mode] = model.probabilities(logits, has)["space_group"]
+            results[mode] = ts.metrics(p_sg[mode], label)
         n_fam = len(set(cs.family[test]))
         print(f"\nheld-out: {len(test)} structures of {n_fam} composition families never seen "
               f"in training, {args.repeats} augmented patterns each ({len(label)} patterns)")
@@ -103,11 +103,8 @@ def main():
             if not sel.any():
                 continue
             row = []
-            for mode, chem in (("chemistry", data["chem"]),
-                               ("pattern_only", torch.zeros_like(data["chem"]))):
-                logits = ts.logits_of(model.net, data["x"][sel], chem[sel])
-                p = model.probabilities(logits, np.full(int(sel.sum()), mode == "chemistry"))
-                m = ts.metrics(p["space_group"], label[sel])
+            for mode in ("chemistry", "pattern_only"):
+                m = ts.metrics(p_sg[mode][sel], label[sel])
                 row.append(f"{m['crystal_system']:.3f} / {m['space_group_top1']:.3f} / "
                            f"{m['space_group_top5']:.3f}")
             c = pc.ceiling(label[sel])

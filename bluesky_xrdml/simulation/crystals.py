@@ -150,6 +150,14 @@ def _elements(rng, n: int, intermetallic: bool) -> list[str]:
     return [anion] + [str(e) for e in rng.choice(cations, size=n - 1, replace=False)]
 
 
+def _species_for(counts: list[int], rng: np.random.Generator, intermetallic: bool) -> list[str]:
+    """Elements for species with these atom ``counts``: the most numerous an anion (unless
+    ``intermetallic``), the others cations."""
+    order = np.argsort(counts)[::-1]  # most numerous first: the anion
+    species = _elements(rng, len(counts), intermetallic)
+    return [species[int(np.where(order == i)[0][0])] for i in range(len(counts))]
+
+
 def random_pyxtal(space_group: int, rng: np.random.Generator, max_atoms: int = 40):
     """A random pymatgen Structure in ``space_group`` with a plausible composition, or None."""
     from pyxtal import pyxtal
@@ -170,9 +178,7 @@ def random_pyxtal(space_group: int, rng: np.random.Generator, max_atoms: int = 4
         ok, _free = group.check_compatible(counts)
         if not ok:
             continue
-        order = np.argsort(counts)[::-1]  # most numerous first: the anion
-        species = _elements(rng, n_species, intermetallic)
-        species = [species[int(np.where(order == i)[0][0])] for i in range(n_species)]
+        species = _species_for(counts, rng, intermetallic)
         xtal = pyxtal()
         try:
             xtal.from_random(3, int(space_group), species, counts, factor=1.1,
@@ -231,9 +237,7 @@ def random_pyxtal_mp(rng: np.random.Generator):
     owner = rng.permutation(np.concatenate([np.arange(n_species),
                                             rng.integers(0, n_species, len(wps) - n_species)]))
     counts = [int(sum(m for m, o in zip(mult, owner) if o == s)) for s in range(n_species)]
-    order = np.argsort(counts)[::-1]  # most numerous first: the anion
-    species = _elements(rng, n_species, rng.random() < 0.15)
-    species = [species[int(np.where(order == i)[0][0])] for i in range(n_species)]
+    species = _species_for(counts, rng, rng.random() < 0.15)
     site_lists = [[lab for lab, o in zip(labels, owner) if o == s] for s in range(n_species)]
     xtal = pyxtal()
     for _ in range(3):

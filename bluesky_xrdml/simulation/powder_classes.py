@@ -83,14 +83,14 @@ def _orbits(holohedry: int) -> np.ndarray:
     return orbit
 
 
-def _signature(number: int, relabel) -> frozenset:
+def _signature(number: int) -> tuple:
     system = int(crystal_system_index(number))
     family, holo = _FAMILY[system]
     hkl, orbit = _hkl(), _orbits(holo)
     present = ~absent(number)
     seen = frozenset(np.unique(orbit[present]).tolist())
     index, variants = _index(), []
-    for perm in relabel(family):
+    for perm in _relabel(family):
         moved = {int(orbit[index[tuple(hkl[o][list(perm)].tolist())]]) for o in seen}
         variants.append(tuple(sorted(moved)))
     return family, min(variants)
@@ -108,7 +108,7 @@ def _relabel(family: str):
 def powder_classes() -> np.ndarray:
     """(230,) class id of space groups 1…230: equal ids cannot be told apart by peak
     positions and absences."""
-    sigs = [_signature(n, _relabel) for n in range(1, 231)]
+    sigs = [_signature(n) for n in range(1, 231)]
     ids: dict = {}
     return np.array([ids.setdefault(s, len(ids)) for s in sigs])
 
