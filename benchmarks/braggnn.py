@@ -38,7 +38,7 @@ from bluesky_xrdml.analysis.peaks import FramePeaks, centre_peaks, centroid, pre
 from bluesky_xrdml.models import load_model
 from bluesky_xrdml.simulation import SpotSimulator
 from bluesky_xrdml.training.braggnn import coverage, label_spots
-from bluesky_xrdml.training.patches import simulate_patches
+from bluesky_xrdml.training.patches import bound_errors, centre_bound, simulate_patches
 
 SEED = 20240521  # the held-out set: training uses seeds [seed, epoch] and [seed, 1e7]
 RUBY = Path(__file__).resolve().parents[2] / "shared" / "data" / "ruby_dexela"
@@ -102,15 +102,20 @@ def simulated(model, n: int, fit_n: int):
     iso = kind == "isolated"
     fitted = iso & ~np.isnan(errs["pseudo-Voigt fit"])
     sig = sim["height"] / sim["noise"]
-    print(f"  compact p75 / p95 by height / σ of the background (BraggNN all; BraggNN and fit "
-          f"on the {fitted.sum()} fitted):")
+    # the Cramér-Rao bound: what an efficient UNBIASED estimator would reach on these spots
+    bound = np.full(n, np.nan)
+    bound[iso] = bound_errors(centre_bound({k: v[iso] for k, v in sim["params"].items()}))
+    print(f"  compact p75 / p95 by height / σ of the background (BraggNN all; its Cramér-Rao "
+          f"bound, all spot parameters unknown; BraggNN and fit on the {fitted.sum()} fitted):")
     for lo, hi in ((0, 6), (6, 10), (10, 20), (20, 50), (50, 200), (200, np.inf)):
         b = (sig >= lo) & (sig < hi)
         big = np.mean(b[iso][errs["BraggNN"][iso] > np.percentile(errs["BraggNN"][iso], 95)])
         print(f"    {lo:>4}-{hi:<4} {b[iso].mean():5.1%} of them, {big:5.1%} of BraggNN's top 5 %:"
-              f" {pct(errs['BraggNN'][iso & b], (75, 95))} | fitted: BraggNN "
+              f" {pct(errs['BraggNN'][iso & b], (75, 95))} | bound "
+              f"{pct(bound[iso & b], (75, 95))} | fitted: BraggNN "
               f"{pct(errs['BraggNN'][fitted & b], (75, 95))}, fit "
               f"{pct(errs['pseudo-Voigt fit'][fitted & b], (75, 95))}")
+    print(f"  compact, Cramér-Rao bound (unbiased, all parameters unknown): {pct(bound[iso])}")
     print(f"  compact, the {fitted.sum()} fitted: BraggNN {pct(errs['BraggNN'][fitted])}; fit "
           f"{pct(errs['pseudo-Voigt fit'][fitted])}")
     for what, m in (("compact", kind == "isolated"),

@@ -471,3 +471,18 @@ def test_finetune_on_real_frames_from_a_frame_cache(tmp_path):
     bad = CliRunner().invoke(app, ["train", "braggnn", "--frame-cache", str(path),
                                    "--frame-range", "a:b"])
     assert bad.exit_code != 0 and "START:STOP" in bad.output
+
+
+def test_train_cli_width_overrides_the_architecture():
+    import typer
+
+    from bluesky_xrdml.training.cli import _arch
+
+    arch = _arch("lean-blend", "16,32,16/128,64")
+    assert arch["channels"] == [16, 32, 16] and arch["fc"] == [128, 64] and arch["blend"]
+    assert _arch("lean-blend") == bnn.LEAN_BLEND
+    net = bnn.BraggNN(**bnn.arch_kwargs(bnn.architecture(**arch)))
+    assert net.conv1.out_channels == 16 and net.dense[-1].in_features == 64
+    for bad in ("16,32/128", "16,32,16", "a,b,c/1", "16,0,16/64"):
+        with pytest.raises(typer.BadParameter, match="--width"):
+            _arch("lean", bad)

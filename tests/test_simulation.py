@@ -120,3 +120,30 @@ def test_strained_tetragonal_cell_follows_its_two_lattice_parameters():
     d = pk.d_spacings(np.array([[4.6, 2.95]]))[0]
     for (h, k, l_), dk in zip([tuple(x) for x in pk.hkl], d):
         assert dk == pytest.approx(1 / np.sqrt((h * h + k * k) / 4.6**2 + l_ * l_ / 2.95**2))
+
+
+def test_centre_bound_of_a_bright_spot_is_sigma_squared_over_counts():
+    """The Cramér-Rao bound of the benchmark: for a bright Gaussian spot without background
+    or read noise, the textbook σ²/N per coordinate (the spot's variance over its counts)."""
+    from bluesky_xrdml.training.patches import bound_errors, centre_bound
+
+    hw, amp = 1.5, 20000.0
+    one = {"r0": [5.2], "c0": [4.9], "hw_r": [hw], "hw_c": [hw], "angle": [0.3], "eta": [0.0],
+           "amplitude": [amp], "b0": [1e-9], "slope_r": [0.0], "slope_c": [0.0],
+           "read": [0.0], "saturation": [1e9]}
+    one = {k: np.array(v) for k, v in one.items()}
+    sigma2 = hw**2 / (2 * np.log(2))
+    counts = amp * 2 * np.pi * sigma2
+    known = centre_bound(one, nuisance=False)[0]
+    assert np.allclose(np.diag(known), sigma2 / counts, rtol=0.02)
+    # not knowing the spot's shape, height and background can only make it larger
+    unknown = centre_bound(one)[0]
+    assert np.all(np.diag(unknown) >= np.diag(known) * (1 - 1e-6))
+    # a fainter spot on a background is harder to locate; saturated pixels tell nothing
+    faint = {**one, "amplitude": np.array([200.0]), "b0": np.array([50.0])}
+    assert np.trace(centre_bound(faint)[0]) > 10 * np.trace(unknown)
+    saturated = {**one, "saturation": np.array([0.5 * amp])}
+    assert np.trace(centre_bound(saturated)[0]) > np.trace(unknown)
+    # the sampled errors of an efficient estimator follow the covariance
+    err = bound_errors(np.repeat(known[None], 20000, 0), seed=1)
+    assert np.isclose(np.mean(err**2), np.trace(known), rtol=0.05)

@@ -40,14 +40,25 @@ def _frames_from_run(catalog_uri: str, uid: str, key: str | None, max_frames: in
     return frames.reshape(len(frames), *frames.shape[-2:]), key
 
 
-def _arch(name: str) -> dict:
+def _arch(name: str, width: str | None = None) -> dict:
     from ..models import braggnn as bnn
 
     archs = {"lean": bnn.LEAN, "lean-residual": bnn.LEAN_RESIDUAL, "lean-blend": bnn.LEAN_BLEND,
              "reference": {}}
     if name not in archs:
         raise typer.BadParameter(f"unknown architecture {name!r}; use one of {sorted(archs)}")
-    return archs[name]
+    if not width:
+        return archs[name]
+    try:
+        conv, dense = width.split("/")
+        channels = [int(v) for v in conv.split(",")]
+        fc = [int(v) for v in dense.split(",") if v]
+    except ValueError:
+        channels = []
+    if len(channels) != 3 or min(channels) < 1 or not fc or min(fc) < 1:
+        raise typer.BadParameter(f"--width {width!r}: give three convolution channels and "
+                                 "the dense units, e.g. '16,32,16/128,64'")
+    return {**archs[name], "channels": channels, "fc": fc}
 
 
 def _finetune(training, frames, out, base, epochs, seed, console, source):
@@ -96,6 +107,9 @@ def braggnn(
                              "correcting the patch's centroid), 'lean-blend' (one network "
                              "blending both per peak: the shipped v4.0) or 'reference' "
                              "(Liu et al. 2022)"),
+    width: str = typer.Option(None, help="widths of the architecture's layers, overriding its "
+                              "own: convolution channels / dense units, e.g. '16,32,16/128,64' "
+                              "(the lean networks: '8,16,8/64,32')"),
     resume: Path = typer.Option(None, help="continue training from these weights "
                                 "(simulation only; the average of their members starts the trunk; "
                                 "a lean-blend network starts from their residual network)"),
@@ -179,7 +193,7 @@ def braggnn(
         card = training.train_from_simulation(
             out, epochs=epochs or 40, patches_per_epoch=patches_per_epoch, members=members,
             seed=seed, minutes=minutes, trunk_fraction=trunk_fraction, resume=resume,
-            version=version, arch=_arch(arch), faint_share=faint_share,
+            version=version, arch=_arch(arch, width), faint_share=faint_share,
             faint_sigmas=faint_sigmas, lr=lr, teacher=teacher, distil=distil,
             log=console.print)
         m = card["metrics"]["all"]
