@@ -234,6 +234,7 @@ def test_blend_network_starts_from_a_pair_and_distils_it(tmp_path, one_thread):
     assert card["members"] == 1 and card["architecture"]["blend"]
     assert card["training"]["distilled_from"]["sha256"] == sha256_file(pair_path)
     assert card["training"]["faint_compact"]["share"] == 0.2
+    assert card["training"]["command"].startswith("xrdml ")  # how to run it again
     # untrained (lr 0): the residual network's layers, its corrected centroid weighted by
     # the gate's start sigmoid(2), the rest the patch centre; its variance head unchanged
     blend = load_model(str(out))  # the blend is read from the tensors

@@ -268,7 +268,7 @@ def train_from_simulation(out: str | Path, *, epochs: int = 40, patches_per_epoc
                           version: str = "2.0", arch: dict | None = None, lr: float = 1e-3,
                           faint_share: float = 0.0, faint_sigmas: float = 40.0,
                           teacher: str | Path | None = None, distil: float = 0.5,
-                          log=print) -> dict:
+                          command: str | None = None, log=print) -> dict:
     """Train BraggNN on simulated patches and save it (+ card, + loss-curve PNG).
 
     The default is one lean network with a variance head (``bnn.LEAN``). With
@@ -283,7 +283,8 @@ def train_from_simulation(out: str | Path, *, epochs: int = 40, patches_per_epoc
     are extra compact spots at most ``faint_sigmas`` σ of the background high (the faint
     spots that make the tail of the error). ``teacher``: a weights file (e.g. the v3.0 pair)
     whose predictions are distilled: the target of each patch is ``distil`` × the
-    teacher's centre + (1 - ``distil``) × the true one."""
+    teacher's centre + (1 - ``distil``) × the true one. ``command``: the command line that
+    ran this, recorded in the card (``training.command``) so that it can be run again."""
     torch.manual_seed(seed)
     arch_card = bnn.architecture(**(bnn.LEAN if arch is None else arch))
     kwargs = bnn.arch_kwargs(arch_card)
@@ -377,7 +378,7 @@ def train_from_simulation(out: str | Path, *, epochs: int = 40, patches_per_epoc
                      "lr": lr, "lr_schedule": "constant, then a linear decay to 0.1x",
                      "loss": "MSE on centre / patch size + 1e-3 × Gaussian NLL of the "
                      "variance head (centre detached)", "minutes_limit": minutes,
-                     "resumed_from": resumed,
+                     "resumed_from": resumed, "command": command,
                      "distilled_from": {**weights_io.provenance(teacher_model.card),
                                         "target": f"{distil:g} × the teacher's centre + "
                                         f"{1 - distil:g} × the true one"}

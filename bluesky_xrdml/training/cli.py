@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 
 import typer
@@ -195,7 +197,7 @@ def braggnn(
             seed=seed, minutes=minutes, trunk_fraction=trunk_fraction, resume=resume,
             version=version, arch=_arch(arch, width), faint_share=faint_share,
             faint_sigmas=faint_sigmas, lr=lr, teacher=teacher, distil=distil,
-            log=console.print)
+            command=shlex.join(["xrdml", *sys.argv[1:]]), log=console.print)
         m = card["metrics"]["all"]
         console.print(f"validation vs truth: p50 {m['p50']:.3f}  p75 {m['p75']:.3f}  "
                       f"p95 {m['p95']:.3f}  p99 {m['p99']:.3f} px  ({m['n']} patches)")
