@@ -11,12 +11,13 @@ The reference architecture, as in the authors' public code:
 - fully connected 200 → 16 → 8 → 4 → 2 (LeakyReLU between), ~33 k parameters.
 
 The network predicts the centre divided by the patch size. The shipped default
-(``load_model("braggnn")``) is one network of the lean variant ``LEAN_BLEND``: no non-local
-block, 8/16/8 channels, dense 200 → 64 → 32 → 7: an absolute centre, a correction to the
+(``load_model("braggnn")``) is one network of the blend variant ``WIDE_BLEND``: no non-local
+block, 16/32/16 channels, dense 400 → 128 → 64 → 7: an absolute centre, a correction to the
 patch's thresholded centroid (``patch_centroid``), a gate that blends the two per peak, and
-the log-variance of the blended centre (a heteroscedastic head), ~0.2 MFLOP per patch. The
-two-network pair it was distilled from (``LEAN`` + ``LEAN_RESIDUAL``, combined by their
-variances) is ``load_model("braggnn-pair")``, the reference 5-member ensemble
+the log-variance of the blended centre (a heteroscedastic head), ~0.8 MFLOP per patch
+(``LEAN_BLEND``, the same at half the widths, was the v4 default). The earlier two-network
+pair (``LEAN`` + ``LEAN_RESIDUAL``, combined by their variances) is
+``load_model("braggnn-pair")``, the reference 5-member ensemble
 ``load_model("braggnn-ensemble")``. ``BraggNNPredictor`` wraps either behind
 ``predict(patches, return_std=False)`` (one forward pass for all members, batched over
 patches). No Bluesky in here.
@@ -161,6 +162,9 @@ LEAN_RESIDUAL = {**LEAN, "residual": True}
 # a gate that blends the two per peak (the centroid where it is good: bright spots), and
 # the log-variance of the blend
 LEAN_BLEND = {**LEAN, "blend": True}
+# the shipped default (v5): the blend at twice the widths (4× the parameters, ~4× the FLOPs;
+# closer to the Cramér-Rao bound on faint spots)
+WIDE_BLEND = {**LEAN_BLEND, "channels": [16, 32, 16], "fc": [128, 64]}
 
 
 def architecture(**overrides) -> dict:

@@ -46,7 +46,7 @@ def _arch(name: str, width: str | None = None) -> dict:
     from ..models import braggnn as bnn
 
     archs = {"lean": bnn.LEAN, "lean-residual": bnn.LEAN_RESIDUAL, "lean-blend": bnn.LEAN_BLEND,
-             "reference": {}}
+             "wide-blend": bnn.WIDE_BLEND, "reference": {}}
     if name not in archs:
         raise typer.BadParameter(f"unknown architecture {name!r}; use one of {sorted(archs)}")
     if not width:
@@ -107,7 +107,8 @@ def braggnn(
     arch: str = typer.Option("lean", help="architecture: 'lean' (no non-local block, variance "
                              "head), 'lean-residual' (the same, "
                              "correcting the patch's centroid), 'lean-blend' (one network "
-                             "blending both per peak: the shipped v4.0) or 'reference' "
+                             "blending both per peak: v4), 'wide-blend' (the same, twice as "
+                             "wide: the shipped v5) or 'reference' "
                              "(Liu et al. 2022)"),
     width: str = typer.Option(None, help="widths of the architecture's layers, overriding its "
                               "own: convolution channels / dense units, e.g. '16,32,16/128,64' "
