@@ -162,7 +162,7 @@ LEAN_RESIDUAL = {**LEAN, "residual": True}
 # a gate that blends the two per peak (the centroid where it is good: bright spots), and
 # the log-variance of the blend
 LEAN_BLEND = {**LEAN, "blend": True}
-# the shipped default (v5): the blend at twice the widths (4× the parameters, ~4× the FLOPs;
+# the shipped default (v5.x): the blend at twice the widths (4× the parameters, ~4× the FLOPs;
 # closer to the Cramér-Rao bound on faint spots)
 WIDE_BLEND = {**LEAN_BLEND, "channels": [16, 32, 16], "fc": [128, 64]}
 
