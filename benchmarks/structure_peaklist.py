@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import numpy as np
 import torch
@@ -72,9 +71,13 @@ def peak_tokens(x: torch.Tensor, q: np.ndarray):
 
 
 class PeakListNet(nn.Module):
-    def __init__(self, d: int = 128, layers: int = 4, heads: int = 4, n_freq: int = 32,
-                 drop_chemistry: float = 0.5):
+    """``forward(x, chem)`` as ``StructureNet``'s (patterns + masks on the Q grid ``q``), so
+    the project's training loop and evaluation run it unchanged; it finds the peaks itself."""
+
+    def __init__(self, q: np.ndarray, d: int = 128, layers: int = 4, heads: int = 4,
+                 n_freq: int = 32, drop_chemistry: float = 0.5):
         super().__init__()
+        self.q = q
         self.register_buffer("r", torch.exp(torch.linspace(math.log(0.7), math.log(40), n_freq)))
         self.embed = nn.Sequential(nn.Linear(4 * n_freq + 5, d), nn.ReLU(), nn.Linear(d, d))
         self.glob = nn.Linear(3, d)
@@ -88,7 +91,8 @@ class PeakListNet(nn.Module):
                                   nn.Linear(256, st.N_SPACE_GROUPS))
         self.drop_chemistry = drop_chemistry
 
-    def forward(self, tok, valid, glob, chem):
+    def forward(self, x, chem):
+        tok, valid, glob = peak_tokens(x, self.q)
         qv = tok[..., :1]
         phase, phase2 = qv * self.r, qv**2 * self.r**2 / 40
         h = self.embed(torch.cat([torch.cos(phase), torch.sin(phase), torch.cos(phase2),
@@ -117,39 +121,16 @@ def main():
     test = ts.fixed_set(cs, split["test"], 7, q)
     print(f"{len(cs)} structures: {len(split['train'])} train, {len(split['test'])} test")
     torch.manual_seed(0)
-    net = PeakListNet()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
-    rng = np.random.default_rng(1)
-    t0, step, budget = time.monotonic(), 0, 60 * args.minutes
-    while time.monotonic() - t0 < budget:
-        order = rng.permutation(split["train"])
-        for s in range(0, len(order) - 63, 64):
-            if time.monotonic() - t0 >= budget:
-                break
-            step += 1
-            for g in opt.param_groups:
-                g["lr"] = 1e-3 * ts._lr((time.monotonic() - t0) / budget)
-            x, chem, y = ts.inputs(cs, order[s:s + 64], rng, q, substitute=True)
-            net.train()
-            loss = ts.loss_fn(net(*peak_tokens(x, q), chem), y)
-            opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(net.parameters(), 5.0)
-            opt.step()
-            if step % 500 == 0:
-                print(f"step {step}, {time.monotonic() - t0:.0f} s, loss {loss.item():.3f}",
-                      flush=True)
-    net.eval()
-    tokens = peak_tokens(test["x"], q)
+    net = PeakListNet(q)
+    history = ts.fit(net, ts.simulated_batches(cs, split["train"], 64, 1, q), 10**9, lr=1e-3,
+                     minutes=args.minutes, every=500)
     label = test["label"].numpy() + 1
-    print(f"{step} steps in {args.minutes} min; {float(tokens[1].sum(1).float().mean()):.1f} "
-          "peaks per test pattern")
+    print(f"{history[-1]['step'] if history else 0} steps in {args.minutes} min; "
+          f"{float(peak_tokens(test['x'], q)[1].sum(1).float().mean()):.1f} peaks per test "
+          "pattern")
     no_chem = torch.zeros_like(test["chem"])
     for mode, chem in (("chemistry", test["chem"]), ("pattern only", no_chem)):
-        with torch.inference_mode():
-            lp = torch.cat([net(*(t[s:s + 512] for t in tokens), chem[s:s + 512])
-                            for s in range(0, len(chem), 512)])
-        mine = ts.metrics(torch.softmax(lp, 1).numpy(), label)
+        mine = ts.metrics(torch.softmax(ts.logits_of(net, test["x"], chem), 1).numpy(), label)
         has = np.full(len(label), mode == "chemistry")
         theirs = ts.metrics(shipped.probabilities(ts.logits_of(shipped.net, test["x"], chem),
                                                   has)["space_group"], label)

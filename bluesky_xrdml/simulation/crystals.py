@@ -474,7 +474,7 @@ def generate(n: int, seed: int = 0, directory: str | Path | None = None, chunk: 
         if minutes is not None and time.time() - t0 > 60 * minutes:
             break
         crystals = [c for i in range(c0, min(c0 + chunk, n))
-                    if (c := _bounded(make_crystal, seed, i, 0.15, prior,
+                    if (c := _bounded(make_crystal, seed, i, prior=prior,
                                       seconds=timeout)) is not None]
         block = CrystalSet.from_crystals(crystals)
         if c0 + chunk <= n:  # only whole chunks are cached
@@ -491,13 +491,14 @@ class _Timeout(BaseException):  # not caught by the generators' `except Exceptio
     pass
 
 
-def _bounded(fn, *args, seconds: float = 20.0):
-    """``fn(*args)``, or None after ``seconds`` (SIGALRM; no limit off the main thread)."""
+def _bounded(fn, *args, seconds: float = 20.0, **kwargs):
+    """``fn(*args, **kwargs)``, or None after ``seconds`` (SIGALRM; no limit off the main
+    thread)."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread() or not seconds:
-        return fn(*args)
+        return fn(*args, **kwargs)
 
     def _raise(signum, frame):
         raise _Timeout
@@ -505,7 +506,7 @@ def _bounded(fn, *args, seconds: float = 20.0):
     old = signal.signal(signal.SIGALRM, _raise)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except _Timeout:
         logger.info("structure %s skipped: longer than %s s", args, seconds)
         return None

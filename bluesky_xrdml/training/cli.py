@@ -56,7 +56,7 @@ def _arch(name: str, width: str | None = None) -> dict:
         channels = [int(v) for v in conv.split(",")]
         fc = [int(v) for v in dense.split(",") if v]
     except ValueError:
-        channels = []
+        channels, fc = [], []
     if len(channels) != 3 or min(channels) < 1 or not fc or min(fc) < 1:
         raise typer.BadParameter(f"--width {width!r}: give three convolution channels and "
                                  "the dense units, e.g. '16,32,16/128,64'")

@@ -248,7 +248,8 @@ def centre_bound(params: dict, patch: int = PATCH, nuisance: bool = True) -> np.
     k_all = len(BOUND_PARAMETERS) if nuisance else 2
     jac = []
     for k in range(k_all):  # central differences, relative steps for the scales
-        step = 1e-4 * (np.maximum(np.abs(p0[k]), 1.0) if k in (6, 7) else 1.0)
+        scale = BOUND_PARAMETERS[k] in ("amplitude", "b0")
+        step = 1e-4 * (np.maximum(np.abs(p0[k]), 1.0) if scale else 1.0)
         up, down = list(p0), list(p0)
         up[k], down[k] = p0[k] + step, p0[k] - step
         diff = (expected(up) - expected(down)) / (2 * np.broadcast_to(step, (n,)))[:, None, None]

@@ -480,6 +480,9 @@ def train_structure_command(
     console = Console(soft_wrap=True)
     torch.set_num_threads(threads)
     progress = True  # a bar on a terminal, plain lines to a file (training/progress.py)
+    if prior not in ("mp", "uniform"):
+        console.print(f"[red]--prior is 'mp' or 'uniform', not {prior!r}[/red]")
+        raise typer.Exit(2)
     if from_runs:
         if not catalog_uri:
             console.print("[red]--from-runs needs --catalog URI (the Tiled server of the runs)"
@@ -505,9 +508,6 @@ def train_structure_command(
                       f"before, {m['after']['space_group_top1']:.3f} after")
     else:
         t0 = time.monotonic()
-        if prior not in ("mp", "uniform"):
-            console.print(f"[red]--prior is 'mp' or 'uniform', not {prior!r}[/red]")
-            raise typer.Exit(2)
         cs = cr.generate(structures, seed=seed, directory=cache, minutes=generate_minutes,
                          log=console.print, prior=prior)
         gen_s = time.monotonic() - t0
